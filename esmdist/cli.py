@@ -1,0 +1,123 @@
+"""`esmdist` command line: shard, export, eval.
+
+Each subcommand is a thin layer over a library function so that everything it does can also be
+called (and tested) from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from esmdist.model.config import MODEL_SIZES
+
+
+def _load_model_source(source: str):
+    """(config, state dict) from a fair-esm `.pt` file or a Hugging Face model directory."""
+    from esmdist.model import convert
+
+    path = Path(source)
+    if path.is_dir():
+        return convert.load_hf(path)
+    if path.is_file():
+        return convert.load_fair_esm_checkpoint(path)
+    raise FileNotFoundError(f"{source}: no such checkpoint file or model directory")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from esmdist.model import convert
+
+    config, state = _load_model_source(args.source)
+    if args.to == "hf":
+        out = convert.save_hf(state, config, args.out)
+    else:
+        out = Path(args.out)
+        convert.save_fair_esm_checkpoint(state, config, out)
+    print(f"exported {config.arch} ({config.num_params():,} parameters) to {out}")
+    return 0
+
+
+def _cmd_eval_pppl(args: argparse.Namespace) -> int:
+    import torch
+
+    from esmdist.data.fasta import read_fasta
+    from esmdist.eval.perplexity import pseudo_perplexity, unigram_perplexity
+    from esmdist.model import ESM, build_model, model_config
+
+    torch.manual_seed(args.seed)
+    if args.model in MODEL_SIZES:
+        model = build_model(model_config(args.model))
+        print(f"model: untrained '{args.model}' (random init, seed {args.seed})")
+    else:
+        config, state = _load_model_source(args.model)
+        model = ESM(config)
+        model.load_state_dict(state)
+        print(f"model: {args.model}")
+    model.eval()
+    records = list(itertools.islice(read_fasta(args.fasta), args.limit))
+    scores = []
+    for record in records:
+        ppl = pseudo_perplexity(model, record.sequence)
+        scores.append(ppl)
+        print(f"{record.id}\tlength={len(record.sequence)}\tpseudo_perplexity={ppl:.3f}")
+    baseline = unigram_perplexity((r.sequence for r in read_fasta(args.fasta)),
+                                  (r.sequence for r in records))  # fmt: skip
+    mean = sum(scores) / len(scores)
+    print(f"mean pseudo-perplexity over {len(scores)} sequences: {mean:.3f} "
+          f"(unigram baseline {baseline:.3f}; uniform over 20 residues: 20.000)")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esmdist",
+        description="Distributed pretraining of ESM-2 / ESM-1b protein language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser(
+        "export",
+        help="convert a model to Hugging Face or fair-esm format",
+        description="Convert SOURCE — a fair-esm checkpoint file (e.g. esm2_t6_8M_UR50D.pt, with "
+        "its -contact-regression.pt companion beside it if present) or a Hugging Face "
+        "EsmForMaskedLM directory — to OUT. Files are read without executing pickled code.",
+    )
+    export.add_argument("source", help="fair-esm .pt file or Hugging Face model directory")
+    export.add_argument("--to", choices=["hf", "fair-esm"], required=True,
+                        help="hf: a directory loadable by EsmForMaskedLM.from_pretrained; "
+                        "fair-esm: a .pt file loadable by esm.pretrained.load_model_and_alphabet_local "
+                        "(name it esm2_*.pt for ESM-2: fair-esm picks the format from the name)")  # fmt: skip
+    export.add_argument("out", help="output directory (hf) or .pt file (fair-esm)")
+    export.set_defaults(func=_cmd_export)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = evaluate.add_subparsers(dest="metric", required=True)
+    pppl = eval_sub.add_parser(
+        "pppl",
+        help="per-sequence pseudo-perplexity on a FASTA file",
+        description="Mask every residue in turn and report exp(mean NLL) per sequence, with the "
+        "unigram (residue-frequency) perplexity of the same sequences as the baseline.",
+    )
+    pppl.add_argument("--model", required=True,
+                      help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), a "
+                      "fair-esm .pt file or a Hugging Face directory")  # fmt: skip
+    pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
+    pppl.add_argument("--limit", type=int, default=16, help="score the first N sequences")
+    pppl.add_argument("--seed", type=int, default=0, help="seed of an untrained model's init")
+    pppl.set_defaults(func=_cmd_eval_pppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"esmdist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

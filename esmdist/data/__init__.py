@@ -1,0 +1,1 @@
+"""Data: FASTA reading and validation, the offline sharder, the training stream."""

@@ -1,0 +1,258 @@
+"""Streaming FASTA reader with validation, for UniParc / UniProtKB / UniRef dumps.
+
+Reads plain, `.gz` or `.zst` files, local or `s3://` (fsspec), in large blocks cut at record
+boundaries, so per-record work is a few C-level bytes operations rather than a Python loop per
+line or per residue. Every problem names the file, the record number and the line.
+
+What is normalised (and counted in the report) and what is a policy decision:
+- CRLF line ends and blanks/tabs inside sequence lines are removed (`whitespace_removed`);
+- lowercase residues are uppercased (`lowercase_uppercased`): soft-masking is not a different
+  residue;
+- one terminal `*` (a translated stop codon) is removed (`terminal_stop_removed`);
+- characters outside the ESM alphabet, an internal `*` (`internal_stop`), digits, an empty
+  sequence, a header that is not UTF-8: governed by `on_invalid` — `error` (default, raise
+  FastaError), `skip` (drop the record and count the reason), `map-x` (replace the characters
+  with `X`; an empty sequence or a non-UTF-8 header is still an error);
+- `min_length`/`max_length` are filters the user asked for: records outside are counted
+  (`too_short`/`too_long`), never errors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal
+
+from esmdist import alphabet
+
+OnInvalid = Literal["error", "skip", "map-x"]
+BLOCK_BYTES = 8 << 20
+
+_VALID = alphabet.RESIDUE_SYMBOLS.encode()
+_WHITESPACE = b"\r \t\v\f"
+_TO_X = bytes(c if c in _VALID else ord("X") for c in range(256))
+_UNIREF = re.compile(r"^(UniRef\d+_\S+)\s*(.*?)\s*((?:n|Tax|TaxID|RepID)=.*)?$")
+_UNIREF_FIELD = re.compile(r"(n|Tax|TaxID|RepID)=(.*?)(?=\s+(?:n|Tax|TaxID|RepID)=|$)")
+_UNIPROT_FIELD = re.compile(r"\b(OS|OX|GN|PE|SV)=(.*?)(?=\s+(?:OS|OX|GN|PE|SV)=|$)")
+
+
+class FastaError(ValueError):
+    """Bad FASTA input; the message names the file, record number and line."""
+
+
+@dataclass(frozen=True)
+class FastaRecord:
+    id: str
+    sequence: str
+    header: str
+    fields: dict[str, str]
+    number: int
+    """1-based record number in its file."""
+    line: int
+    """Line number of the header."""
+
+
+@dataclass
+class ReadReport:
+    """What reading did besides yielding records: counted skips and normalisations."""
+
+    records: int = 0
+    residues: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    normalised: Counter = field(default_factory=Counter)
+
+    def merge(self, other: ReadReport) -> None:
+        self.records += other.records
+        self.residues += other.residues
+        self.skipped.update(other.skipped)
+        self.normalised.update(other.normalised)
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "residues": self.residues,
+            "skipped": dict(sorted(self.skipped.items())),
+            "normalised": dict(sorted(self.normalised.items())),
+        }
+
+
+def parse_header(header: str) -> tuple[str, dict[str, str]]:
+    """Record id and fields of a UniParc, UniProtKB, UniRef or other header (without '>')."""
+    first, _, rest = header.partition(" ")
+    if first.startswith(("sp|", "tr|")) and first.count("|") == 2:
+        db, accession, entry = first.split("|")
+        fields = {"db": db, "accession": accession, "entry": entry}
+        description = _UNIPROT_FIELD.split(rest, maxsplit=1)[0].strip()
+        fields["description"] = description
+        fields.update(dict(_UNIPROT_FIELD.findall(rest)))
+        return accession, fields
+    uniref = _UNIREF.match(header) if first.startswith("UniRef") else None
+    if uniref:
+        fields = {"description": uniref.group(2)}
+        fields.update(dict(_UNIREF_FIELD.findall(uniref.group(3) or "")))
+        return uniref.group(1), fields
+    if first.startswith("UPI"):
+        return first, dict(re.findall(r"(\w+)=(\S+)", rest))
+    return first, {"description": rest} if rest else {}
+
+
+def open_input(path: str) -> BinaryIO:
+    """Open a local or fsspec URL, decompressing .gz/.zst; errors name the input."""
+    import fsspec
+
+    try:
+        handle = fsspec.open(path, "rb", compression="infer").open()
+    except FileNotFoundError:
+        raise FastaError(f"{path}: input does not exist") from None
+    except PermissionError as exc:
+        raise FastaError(f"{path}: access denied — check the credentials ({exc})") from None
+    except OSError as exc:
+        raise FastaError(f"{path}: cannot open input ({exc})") from None
+    return handle
+
+
+def _read_block(handle: BinaryIO, path: str) -> bytes:
+    try:
+        return handle.read(BLOCK_BYTES)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise FastaError(
+            f"{path}: compressed stream is corrupt or truncated ({exc}); re-download the file"
+        ) from None
+    except Exception as exc:
+        if type(exc).__name__ == "ZstdError":
+            raise FastaError(f"{path}: zstd stream is corrupt or truncated ({exc})") from None
+        raise
+
+
+def raw_blocks(path: str) -> Iterator[tuple[bytes, int, int]]:
+    """(block, first record number, first line number): the file's bytes cut at record
+    boundaries, each block holding whole records and starting with '>'."""
+    with open_input(path) as handle:
+        pending = b""
+        record, line = 1, 1
+        started = False
+        while True:
+            chunk = _read_block(handle, path)
+            data = pending + chunk
+            if not started:
+                stripped = data.lstrip()
+                if not stripped and chunk:
+                    pending = b""
+                    continue
+                if not stripped:
+                    raise FastaError(f"{path}: the input is empty (no FASTA records)")
+                if not stripped.startswith(b">"):
+                    skipped = len(data) - len(stripped)
+                    at = line + data[:skipped].count(b"\n")
+                    raise FastaError(
+                        f"{path}: line {at}: text before the first '>' header "
+                        f"({stripped[:40]!r}); is this a FASTA file?"
+                    )
+                line += data[: len(data) - len(stripped)].count(b"\n")
+                data = stripped
+                started = True
+            if chunk:
+                cut = data.rfind(b"\n>")
+                if cut < 0:
+                    pending = data
+                    continue
+                block, pending = data[: cut + 1], data[cut + 1 :]
+            else:
+                block, pending = data, b""
+            if block:
+                yield block, record, line
+                record += block.count(b"\n>") + 1
+                line += block.count(b"\n")
+            if not chunk:
+                return
+
+
+def parse_block(
+    path: str,
+    block: bytes,
+    first_record: int,
+    first_line: int,
+    on_invalid: OnInvalid = "error",
+    min_length: int = 1,
+    max_length: int | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[FastaRecord]:
+    """Validate and yield the records of one block from `raw_blocks`."""
+    report = report if report is not None else ReadReport()
+    line = first_line
+    for number, raw in enumerate(block[1:].split(b"\n>"), start=first_record):
+        header_bytes, _, body = raw.partition(b"\n")
+        header_line = line
+        line += raw.count(b"\n") + 1
+
+        def problem(
+            reason: str, message: str, fixable: bool = True, number=number, line=header_line
+        ) -> bool:
+            """Raise, or count and tell the caller to skip; False means map to X."""
+            if on_invalid == "skip":
+                report.skipped[reason] += 1
+                return True
+            if on_invalid == "map-x" and fixable:
+                return False
+            hint = "" if not fixable else "; use --on-invalid skip or map-x to continue"
+            raise FastaError(f"{path}: record {number} (line {line}): {message}{hint}")
+
+        try:
+            header = header_bytes.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if problem("non_utf8_header", f"header is not UTF-8 ({exc.reason} at byte "
+                       f"{exc.start}): {header_bytes[:60]!r}", fixable=False):  # fmt: skip
+                continue
+        record_id, fields = parse_header(header)
+        seq = body.replace(b"\n", b"")
+        if seq.translate(None, _WHITESPACE) != seq:
+            seq = seq.translate(None, _WHITESPACE)
+            report.normalised["whitespace_removed"] += 1
+        upper = seq.upper()
+        if upper != seq:
+            seq = upper
+            report.normalised["lowercase_uppercased"] += 1
+        if seq.endswith(b"*"):
+            seq = seq[:-1]
+            report.normalised["terminal_stop_removed"] += 1
+        if not seq and problem("empty_sequence", f"header '{record_id}' has no sequence", False):
+            continue
+        bad = seq.translate(None, _VALID)
+        if bad:
+            position = seq.index(bad[:1])
+            reason = "internal_stop" if bad[:1] == b"*" else "invalid_character"
+            message = (
+                f"sequence '{record_id}' has {bad[:1].decode('latin-1')!r} at residue "
+                f"{position + 1}, outside the ESM alphabet ({alphabet.RESIDUE_SYMBOLS})"
+            )
+            if problem(reason, message):
+                continue
+            seq = seq.translate(_TO_X)
+            report.normalised["mapped_to_x"] += 1
+        if len(seq) < min_length:
+            report.skipped["too_short"] += 1
+            continue
+        if max_length is not None and len(seq) > max_length:
+            report.skipped["too_long"] += 1
+            continue
+        report.records += 1
+        report.residues += len(seq)
+        yield FastaRecord(record_id, seq.decode("ascii"), header, fields, number, header_line)
+
+
+def read_fasta(
+    path: str,
+    on_invalid: OnInvalid = "error",
+    min_length: int = 1,
+    max_length: int | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[FastaRecord]:
+    """Every valid record of `path`, in file order."""
+    for block, first_record, first_line in raw_blocks(str(path)):
+        yield from parse_block(
+            str(path), block, first_record, first_line, on_invalid, min_length, max_length, report
+        )

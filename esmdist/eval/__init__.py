@@ -1,0 +1,1 @@
+"""Evaluation tools: perplexity (masked and pseudo-), contacts, variant effects, embeddings."""

@@ -1,0 +1,60 @@
+"""Pseudo-perplexity (Salazar et al. 2020), the per-sequence measure ESM papers report for
+masked LMs: mask each residue in turn, score the true residue, exponentiate the mean NLL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from esmdist import alphabet
+from esmdist.model import ESM
+
+
+@dataclass(frozen=True)
+class SequencePerplexity:
+    name: str
+    length: int
+    pseudo_perplexity: float
+
+
+@torch.no_grad()
+def pseudo_perplexity(model: ESM, sequence: str, max_tokens: int = 16384) -> float:
+    """exp(mean over residues i of −log p(x_i | x with position i masked)).
+
+    Each masked copy of the sequence is one row; rows are batched up to `max_tokens`.
+    """
+    tokens = torch.from_numpy(alphabet.encode(sequence)).to(next(model.parameters()).device)
+    length = len(sequence)
+    rows_per_batch = max(1, max_tokens // len(tokens))
+    total_nll = 0.0
+    for start in range(0, length, rows_per_batch):
+        positions = torch.arange(start, min(start + rows_per_batch, length), device=tokens.device)
+        batch = tokens.repeat(len(positions), 1)
+        rows = torch.arange(len(positions), device=tokens.device)
+        batch[rows, positions + 1] = alphabet.MASK
+        selected = torch.zeros_like(batch, dtype=torch.bool)
+        selected[rows, positions + 1] = True
+        logits = model(batch, output_mask=selected).logits.float()
+        total_nll += F.cross_entropy(logits, tokens[positions + 1], reduction="sum").item()
+    return math.exp(total_nll / length)
+
+
+def unigram_perplexity(train_sequences: Iterable[str], eval_sequences: Iterable[str]) -> float:
+    """Perplexity of a residue-frequency model fitted on `train_sequences` (add-one smoothed):
+    the floor a language model has to beat before it has learned anything about context."""
+    counts = np.ones(alphabet.VOCAB_SIZE)
+    for seq in train_sequences:
+        counts += np.bincount(alphabet.encode_residues(seq, "unk"), minlength=alphabet.VOCAB_SIZE)
+    counts[[alphabet.CLS, alphabet.PAD, alphabet.EOS, alphabet.MASK]] = 0
+    log_p = np.log(counts / counts.sum(), where=counts > 0, out=np.full(len(counts), -np.inf))
+    nll, n = 0.0, 0
+    for seq in eval_sequences:
+        ids = alphabet.encode_residues(seq, "unk")
+        nll -= float(log_p[ids].sum())
+        n += len(ids)
+    return math.exp(nll / n)

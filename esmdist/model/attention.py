@@ -1,0 +1,88 @@
+"""Self-attention for ESM models: rotary embeddings and the dispatch between fused and explicit
+attention.
+
+The training path calls `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN /
+memory-efficient kernels on GPU, the flash kernel on CPU) and never materialises the L×L
+probabilities. Sequence boundaries come in as a boolean mask: key padding for padded batches,
+a block-diagonal "same sequence" mask for packed ones. Only `need_weights=True` — the contact
+and attention-map path — computes softmax(QKᵀ) explicitly so it can return it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rotary_cos_sin(
+    positions: Tensor, head_dim: int, base: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [B, 1, L, head_dim] (fp32) for integer `positions` [B, L].
+
+    Same frequencies and layout as fair-esm's RotaryEmbedding (the two halves of the head dim
+    share a frequency); computed from explicit positions so that packed sequences restart at 0.
+    """
+    inv_freq = 1.0 / (
+        base
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rotated = x.float() * cos + _rotate_half(x.float()) * sin
+    return rotated.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections (ESM's layout)."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        attend: Tensor | None,
+        rotary: tuple[Tensor, Tensor] | None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: [B, L, E]. attend: boolean, broadcastable to [B, H, L, L], True where a query may
+        attend to a key; None means everything attends to everything.
+
+        Returns the output [B, L, E] and, with `need_weights`, the probabilities [B, H, L, L].
+        """
+        batch, length, embed = x.shape
+        split = (batch, length, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(split).transpose(1, 2)
+        k = self.k_proj(x).view(split).transpose(1, 2)
+        v = self.v_proj(x).view(split).transpose(1, 2)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+            k = apply_rotary(k, *rotary)
+
+        weights = None
+        if need_weights:
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)
+            if attend is not None:
+                scores = scores.masked_fill(~attend, float("-inf"))
+            weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        out = out.transpose(1, 2).reshape(batch, length, embed)
+        return self.out_proj(out), weights

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup.sh) and runs lint, format check and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev,s3
+. .venv/bin/activate
+ruff check .
+ruff format --check .
+# OMP threads fixed: results of the determinism tests must not depend on the machine.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+set +e
+python -m pytest -q "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: treating as a failure" >&2
+    exit 1
+fi
+exit "$status"
