@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out = Path(args.out)
         convert.save_fair_esm_checkpoint(state, config, out)
     print(f"exported {config.arch} ({config.num_params():,} parameters) to {out}")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from esmdist.data.shard import (
+        ShardOptions,
+        format_report,
+        parse_size,
+        parse_splits,
+        run_sharding,
+    )
+
+    options = ShardOptions(
+        inputs=tuple(args.inputs),
+        out=args.out,
+        clusters=args.clusters,
+        splits=parse_splits(args.split),
+        seed=args.seed,
+        min_length=args.min_length,
+        max_length=args.max_length,
+        on_invalid=args.on_invalid,
+        on_missing_member=args.on_missing_member,
+        dedupe=args.dedupe,
+        shard_bytes=None if args.shard_samples else parse_size(args.shard_size),
+        shard_samples=args.shard_samples,
+    )
+    work_dir = Path(args.work_dir) if args.work_dir else None
+    manifest = run_sharding(options, args.workers, work_dir, args.keep_work)
+    print(format_report(manifest))
     return 0
 
 
@@ -92,6 +122,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output directory (hf) or .pt file (fair-esm)")
     export.set_defaults(func=_cmd_export)
 
+    shard = sub.add_parser(
+        "shard",
+        help="FASTA (+ cluster table) → webdataset shards + parquet index + manifest",
+        description="Validate and shard UniParc/UniProtKB/UniRef FASTA into webdataset tar shards "
+        "split by a stable hash, with shards.parquet, index/*.parquet and manifest.json (written "
+        "last). Output bytes depend only on inputs and options. A rerun with the same options "
+        "resumes an interrupted run. Format: shards/README.md.",
+    )
+    shard.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="FASTA files (.gz/.zst ok), local paths or s3:// URLs")  # fmt: skip
+    shard.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    shard.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                       help="worker processes (default: CPU count − 1)")  # fmt: skip
+    shard.add_argument("--clusters", metavar="MEMBERS.tsv",
+                       help="cluster<TAB>member table (MMseqs2 createtsv, UniRef membership): one "
+                       "sample per cluster holding its member sequences")  # fmt: skip
+    shard.add_argument("--split", default="valid=0.005,test=0.0",
+                       help="held-out fractions by cluster (or sequence); train gets the rest "
+                       "(default: %(default)s)")  # fmt: skip
+    shard.add_argument("--seed", type=int, default=0, help="seed of the split and order hashes")
+    shard.add_argument("--min-length", type=int, default=1, help="skip (and count) shorter")
+    shard.add_argument("--max-length", type=int, default=None, help="skip (and count) longer")
+    shard.add_argument("--on-invalid", choices=["error", "skip", "map-x"], default="error",
+                       help="characters outside the ESM alphabet, internal '*', empty records, "
+                       "duplicate ids: stop with an error naming the record, skip and count, or "
+                       "map bad characters to X (default: error)")  # fmt: skip
+    shard.add_argument("--on-missing-member", choices=["error", "skip"], default="error",
+                       help="a sequence absent from --clusters: error, or skip and count")  # fmt: skip
+    shard.add_argument("--dedupe", action="store_true",
+                       help="drop exact duplicate sequences (within a cluster with --clusters, "
+                       "else across all inputs), keeping the smallest id; counted")  # fmt: skip
+    size = shard.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", default="256MB", help="target tar size (default 256MB)")
+    size.add_argument("--shard-samples", type=int, help="samples per shard instead of a size")
+    shard.add_argument("--work-dir", help="spill/resume directory (default: OUT/_work, or a "
+                       "temporary directory for s3:// outputs)")  # fmt: skip
+    shard.add_argument("--keep-work", action="store_true", help="keep the work directory")
+    shard.set_defaults(func=_cmd_shard)
+
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)
     pppl = eval_sub.add_parser(
@@ -114,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"esmdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -40,3 +40,22 @@ def real_sequences(demo_records) -> list[str]:
     picks = [by_length[0], by_length[len(by_length) // 3], by_length[len(by_length) // 2]]
     picks.append(next(s for s in by_length if "X" in s and len(s) < 300))
     return picks
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("s3") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS variables of the test server in this process's environment (restored after)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env()

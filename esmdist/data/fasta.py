@@ -20,6 +20,7 @@ What is normalised (and counted in the report) and what is a policy decision:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 import zlib
 from collections import Counter
@@ -100,43 +101,81 @@ def parse_header(header: str) -> tuple[str, dict[str, str]]:
     return first, {"description": rest} if rest else {}
 
 
-def open_input(path: str) -> BinaryIO:
-    """Open a local or fsspec URL, decompressing .gz/.zst; errors name the input."""
-    import fsspec
+class InputFile:
+    """A local or fsspec (`s3://…`) input opened for streaming, decompressed by suffix
+    (`.gz`, `.zst`), with a sha256 of the stored (compressed) bytes taken as they are read."""
 
-    try:
-        handle = fsspec.open(path, "rb", compression="infer").open()
-    except FileNotFoundError:
-        raise FastaError(f"{path}: input does not exist") from None
-    except PermissionError as exc:
-        raise FastaError(f"{path}: access denied — check the credentials ({exc})") from None
-    except OSError as exc:
-        raise FastaError(f"{path}: cannot open input ({exc})") from None
-    return handle
+    def __init__(self, path: str):
+        import fsspec
+
+        self.path = path
+        self.sha256 = hashlib.sha256()
+        self.stored_bytes = 0
+        try:
+            self._raw = fsspec.open(path, "rb").open()
+        except FileNotFoundError:
+            raise FastaError(f"{path}: input does not exist") from None
+        except PermissionError as exc:
+            raise FastaError(
+                f"{path}: access denied — check the AWS credentials/endpoint in the "
+                f"environment ({exc})"
+            ) from None
+        except OSError as exc:
+            raise FastaError(f"{path}: cannot open input ({exc})") from None
+        name = path.lower()
+        if name.endswith(".gz"):
+            self._stream: BinaryIO = gzip.GzipFile(fileobj=self, mode="rb")
+        elif name.endswith((".zst", ".zstd")):
+            import zstandard
+
+            self._stream = zstandard.ZstdDecompressor().stream_reader(self, read_across_frames=True)
+        else:
+            self._stream = self
+
+    def read(self, size: int = -1) -> bytes:
+        """Stored bytes (used by the decompressor, or directly for plain files)."""
+        try:
+            data = self._raw.read(size)
+        except PermissionError as exc:
+            raise FastaError(f"{self.path}: access denied while reading ({exc})") from None
+        self.sha256.update(data)
+        self.stored_bytes += len(data)
+        return data
+
+    def read_decompressed(self, size: int) -> bytes:
+        try:
+            return self._stream.read(size)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise FastaError(
+                f"{self.path}: compressed stream is corrupt or truncated ({exc}); "
+                "re-download the file"
+            ) from None
+        except Exception as exc:
+            if type(exc).__name__ == "ZstdError":
+                raise FastaError(
+                    f"{self.path}: zstd stream is corrupt or truncated ({exc})"
+                ) from None
+            raise
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> InputFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _read_block(handle: BinaryIO, path: str) -> bytes:
-    try:
-        return handle.read(BLOCK_BYTES)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise FastaError(
-            f"{path}: compressed stream is corrupt or truncated ({exc}); re-download the file"
-        ) from None
-    except Exception as exc:
-        if type(exc).__name__ == "ZstdError":
-            raise FastaError(f"{path}: zstd stream is corrupt or truncated ({exc})") from None
-        raise
-
-
-def raw_blocks(path: str) -> Iterator[tuple[bytes, int, int]]:
+def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int, int]]:
     """(block, first record number, first line number): the file's bytes cut at record
     boundaries, each block holding whole records and starting with '>'."""
-    with open_input(path) as handle:
+    with handle or InputFile(path) as handle:
         pending = b""
         record, line = 1, 1
         started = False
         while True:
-            chunk = _read_block(handle, path)
+            chunk = handle.read_decompressed(BLOCK_BYTES)
             data = pending + chunk
             if not started:
                 stripped = data.lstrip()

@@ -1,0 +1,65 @@
+"""The sharder against a real S3 server (SeaweedFS on 127.0.0.1): s3:// in and out."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from esmdist.data.shard import MANIFEST, ShardError, ShardOptions, run_sharding
+from tests.conftest import REPO
+from tests.s3server import SECRET_KEY
+
+pytestmark = pytest.mark.s3
+
+
+def test_s3_input_and_output_match_a_local_run(s3_server, s3_env, demo_records, tmp_path):
+    fs = s3_server.filesystem()
+    fs.mkdir("shard-io")
+    text = "".join(f">{h}\n{s}\n" for h, s in demo_records[:800]).encode()
+    fs.pipe("shard-io/in/part1.fasta.gz", gzip.compress(text, mtime=0))
+    (tmp_path / "part1.fasta.gz").write_bytes(gzip.compress(text, mtime=0))
+
+    def opts(inp, out):
+        return ShardOptions(inputs=(inp,), out=out, shard_bytes=None, shard_samples=150,
+                            splits=(("valid", 0.1),))  # fmt: skip
+
+    remote = run_sharding(opts("s3://shard-io/in/part1.fasta.gz", "s3://shard-io/out"), workers=2)
+    local = run_sharding(opts(str(tmp_path / "part1.fasta.gz"), str(tmp_path / "out")), workers=1)
+    assert remote["counts"] == local["counts"]
+    assert remote["inputs"][0]["sha256"] == local["inputs"][0]["sha256"]
+    names = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    listed = sorted(p.rsplit("/", 1)[-1] for p in fs.find("shard-io/out"))
+    assert listed == names
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file() and path.name != MANIFEST:
+            key = "shard-io/out/" + str(path.relative_to(tmp_path / "out"))
+            assert (
+                hashlib.sha256(fs.cat(key)).hexdigest()
+                == hashlib.sha256(path.read_bytes()).hexdigest()
+            ), key
+    assert json.loads(fs.cat("shard-io/out/manifest.json"))["shards"] == local["shards"]
+    assert not fs.find("shard-io/out/_work")
+
+
+def test_wrong_credentials_name_the_input(s3_server, demo_records, tmp_path):
+    fs = s3_server.filesystem()
+    fs.mkdir("shard-creds", exist_ok=True)
+    fs.pipe("shard-creds/in.fasta", b">a\nMKV\n")
+    env = {**s3_server.env(secret=SECRET_KEY + "-wrong"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "esmdist.cli", "shard", "s3://shard-creds/in.fasta",
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "s3://shard-creds/in.fasta: access denied" in done.stderr
+    assert "credentials" in done.stderr
+
+
+def test_missing_s3_input(s3_server, s3_env, tmp_path):
+    with pytest.raises(ShardError, match="s3://shard-io/nope.fasta: input does not exist"):
+        run_sharding(ShardOptions(inputs=("s3://shard-io/nope.fasta",), out=str(tmp_path / "o")))
