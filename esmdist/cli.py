@@ -69,23 +69,27 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_pppl(args: argparse.Namespace) -> int:
+def _load_model(spec: str, seed: int):
     import torch
 
-    from esmdist.data.fasta import read_fasta
-    from esmdist.eval.perplexity import pseudo_perplexity, unigram_perplexity
     from esmdist.model import ESM, build_model, model_config
 
-    torch.manual_seed(args.seed)
-    if args.model in MODEL_SIZES:
-        model = build_model(model_config(args.model))
-        print(f"model: untrained '{args.model}' (random init, seed {args.seed})")
-    else:
-        config, state = _load_model_source(args.model)
-        model = ESM(config)
-        model.load_state_dict(state)
-        print(f"model: {args.model}")
-    model.eval()
+    torch.manual_seed(seed)
+    if spec in MODEL_SIZES:
+        print(f"model: untrained '{spec}' (random init, seed {seed})")
+        return build_model(model_config(spec)).eval()
+    config, state = _load_model_source(spec)
+    model = ESM(config)
+    model.load_state_dict(state)
+    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters)")
+    return model.eval()
+
+
+def _cmd_eval_pppl(args: argparse.Namespace) -> int:
+    from esmdist.data.fasta import read_fasta
+    from esmdist.eval.perplexity import pseudo_perplexity, unigram_perplexity
+
+    model = _load_model(args.model, args.seed)
     records = list(itertools.islice(read_fasta(args.fasta), args.limit))
     scores = []
     for record in records:
@@ -97,6 +101,27 @@ def _cmd_eval_pppl(args: argparse.Namespace) -> int:
     mean = sum(scores) / len(scores)
     print(f"mean pseudo-perplexity over {len(scores)} sequences: {mean:.3f} "
           f"(unigram baseline {baseline:.3f}; uniform over 20 residues: 20.000)")  # fmt: skip
+    return 0
+
+
+def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from esmdist.data.stream import DataConfig, ShardSet, read_shard, validation_batches
+    from esmdist.eval.perplexity import masked_perplexity, unigram_perplexity
+
+    model = _load_model(args.model, args.seed)
+    config = DataConfig(path=args.shards, max_tokens=args.max_tokens, num_workers=0)
+    held_out = ShardSet.from_directory(args.shards, args.split)
+    train = ShardSet.from_directory(args.shards, "train")
+    ppl, count = masked_perplexity(model, validation_batches(held_out, config))
+
+    def sequences(shards: ShardSet):
+        for url, size in zip(shards.urls, shards.sizes):
+            for _, seqs in read_shard(url, size):
+                yield from seqs
+
+    baseline = unigram_perplexity(sequences(train), sequences(held_out))
+    print(f"{args.split}: masked-LM perplexity {ppl:.3f} over {count:,} masked residues of "
+          f"{held_out.total:,} samples (unigram baseline fitted on train: {baseline:.3f})")  # fmt: skip
     return 0
 
 
@@ -163,15 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)
+    model_help = (f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), a fair-esm "
+                  ".pt file or a Hugging Face directory")  # fmt: skip
+    perplexity = eval_sub.add_parser(
+        "perplexity",
+        help="masked-LM perplexity on a held-out split of a sharded dataset",
+        description="Score the validation stream (fixed masks: comparable across runs) of a "
+        "sharded dataset, next to the unigram perplexity fitted on its train split.",
+    )
+    perplexity.add_argument("--model", required=True, help=model_help)
+    perplexity.add_argument("--shards", required=True, help="directory written by esmdist shard")
+    perplexity.add_argument("--split", default="valid", help="held-out split (default: valid)")
+    perplexity.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
+    perplexity.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
+    perplexity.set_defaults(func=_cmd_eval_perplexity)
+
     pppl = eval_sub.add_parser(
         "pppl",
         help="per-sequence pseudo-perplexity on a FASTA file",
         description="Mask every residue in turn and report exp(mean NLL) per sequence, with the "
         "unigram (residue-frequency) perplexity of the same sequences as the baseline.",
     )
-    pppl.add_argument("--model", required=True,
-                      help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), a "
-                      "fair-esm .pt file or a Hugging Face directory")  # fmt: skip
+    pppl.add_argument("--model", required=True, help=model_help)
     pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
     pppl.add_argument("--limit", type=int, default=16, help="score the first N sequences")
     pppl.add_argument("--seed", type=int, default=0, help="seed of an untrained model's init")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from esmdist import alphabet
+from esmdist.data.batch import PackedBatch
 from esmdist.model import ESM
 
 
@@ -58,3 +59,17 @@ def unigram_perplexity(train_sequences: Iterable[str], eval_sequences: Iterable[
         nll -= float(log_p[ids].sum())
         n += len(ids)
     return math.exp(nll / n)
+
+
+@torch.no_grad()
+def masked_perplexity(model: ESM, batches: Iterable[PackedBatch]) -> tuple[float, int]:
+    """exp(mean cross-entropy) over the masked positions of `batches` (the validation stream's
+    fixed masks), and the number of positions scored."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
+        total += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
+        count += batch.targets.numel()
+    return math.exp(total / max(count, 1)), count

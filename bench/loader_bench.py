@@ -1,0 +1,73 @@
+"""Data-loader throughput per worker process: tokens/s delivered as finished packed, masked
+batches, against a plain `webdataset.WebDataset(urls).decode()` loop over the same shards.
+
+    python bench/loader_bench.py [--mb 128] [--max-tokens 16384]
+
+Both run in this one process (a DataLoader worker does exactly this work), in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=128, help="FASTA size to shard (MB)")
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import webdataset as wds
+
+    from esmdist.data.order import OrderState
+    from esmdist.data.stream import DataConfig, ShardSet, slot_batches
+
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="loader-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    shards_dir = scratch / "shards"
+    if not (shards_dir / "manifest.json").exists():
+        fasta = scratch / "bench.fasta.gz"
+        subprocess.run([sys.executable, str(REPO / "bench" / "make_fasta.py"), str(fasta),
+                        "--mb", str(args.mb)], check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "esmdist.cli", "shard", str(fasta), "--out",
+                        str(shards_dir), "--workers", "2", "--shard-size", "16MB"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    shards = ShardSet.from_directory(str(shards_dir), "train")
+
+    start = time.perf_counter()
+    baseline_tokens = 0
+    for sample in wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False).decode():
+        lines = sample["fasta"].split(b"\n")
+        baseline_tokens += len(lines[1]) + 2
+    baseline = time.perf_counter() - start
+
+    config = DataConfig(path=str(shards_dir), max_tokens=args.max_tokens, num_workers=0)
+    start = time.perf_counter()
+    tokens = batches = 0
+    for item in slot_batches(shards, config, OrderState.fresh(0, 1), 0, epochs=1):
+        tokens += item.batch.num_tokens
+        batches += 1
+    ours = time.perf_counter() - start
+
+    print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
+          f"{len(shards.urls)} shards, {shards.total:,} samples, one process")  # fmt: skip
+    print("| reader | seconds | tokens | tokens/s | × baseline |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| `wds.WebDataset(urls).decode()` loop | {baseline:.2f} | {baseline_tokens:,} | "
+          f"{baseline_tokens / baseline:,.0f} | 1.00 |")  # fmt: skip
+    print(f"| esmdist packed+masked batches (crop 1024, {args.max_tokens} tokens) | {ours:.2f} | "
+          f"{tokens:,} | {tokens / ours:,.0f} | {(tokens / ours) / (baseline_tokens / baseline):.2f} |")  # fmt: skip
+    print(f"({batches:,} batches)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Sharder throughput against `zcat` on the same gzip FASTA, in one run.
+
+    python bench/shard_bench.py [--mb 1024] [--workers 1 2]
+
+Generates a gzip FASTA from the bundled real sequences (bench/make_fasta.py), times
+`zcat FILE > /dev/null`, then `esmdist shard` with each worker count, and prints MB/s of
+uncompressed FASTA and the ratios. Record the table in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(command: list[str], **kw) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, **kw)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=1024, help="uncompressed FASTA size (MB)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dir", type=Path, default=None, help="scratch directory")
+    args = parser.parse_args()
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="shard-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    fasta = scratch / "bench.fasta.gz"
+    if not fasta.exists():
+        subprocess.run([sys.executable, str(REPO / "bench" / "make_fasta.py"), str(fasta),
+                        "--mb", str(args.mb)], check=True)  # fmt: skip
+    size = int(subprocess.run(f"zcat {fasta} | wc -c", shell=True, check=True,
+                              capture_output=True, text=True).stdout)  # fmt: skip
+    with open("/dev/null", "wb") as null:
+        zcat = timed(["zcat", str(fasta)], stdout=null)
+    rows = [("zcat > /dev/null", zcat)]
+    for workers in args.workers:
+        out = scratch / f"out-w{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        seconds = timed([sys.executable, "-m", "esmdist.cli", "shard", str(fasta), "--out",
+                         str(out), "--workers", str(workers)], stderr=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL)  # fmt: skip
+        rows.append((f"esmdist shard --workers {workers}", seconds))
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{time.strftime('%Y-%m-%d')}, input {size / 1e6:,.0f} MB uncompressed "
+          f"({fasta.stat().st_size / 1e6:,.0f} MB gz)")  # fmt: skip
+    print("| command | seconds | MB/s (uncompressed) | × zcat | × 1 worker |")
+    print("|---|---:|---:|---:|---:|")
+    one = next((s for name, s in rows if name.endswith("--workers 1")), None)
+    for name, seconds in rows:
+        speed = size / 1e6 / seconds
+        vs_one = f"{one / seconds:.2f}" if one and "shard" in name else ""
+        print(f"| `{name}` | {seconds:.1f} | {speed:,.1f} | {zcat / seconds:.3f} | {vs_one} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""The training stream: sharded split → ordered samples per reader slot → crop → pack → mask.
+
+Shards are read with webdataset's own tar iteration (local paths, `s3://` through fsspec,
+`pipe:` URLs). Which samples a (rank, dataloader worker) reads, and when, is the pure function
+of `esmdist.data.order`; every random draw (cluster member, crop window, masking) is seeded by
+where it happens in that order (seed, epoch, shard or position), never by time or pid. The
+state to resume from is a handful of integers per slot (`DataState`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from esmdist import alphabet
+from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_specials
+from esmdist.data.order import EpochOrder, OrderState, count, rng, take
+
+MANIFEST = "manifest.json"
+SUPPORTED_FORMAT = 1
+
+
+class DataError(RuntimeError):
+    """Unreadable or inconsistent shards; the message names the shard."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a split is streamed into packed micro-batches."""
+
+    path: str = ""
+    """A sharded directory (local or s3://) written by `esmdist shard`."""
+    max_tokens: int = 16384
+    """Token budget of one packed micro-batch (<cls>/<eos> included)."""
+    crop_length: int = 1024
+    """Longest sequence fed to the model, in tokens: longer ones get a random window."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    seed: int = 0
+    mask_probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    valid_split: str = "valid"
+    valid_seed: int = 12345
+    """Masking seed of the validation stream: the same masks every evaluation and run."""
+
+    def __post_init__(self) -> None:
+        if self.crop_length < 3:
+            raise ValueError("data.crop_length must be at least 3 (<cls>, a residue, <eos>)")
+        if self.max_tokens < self.crop_length:
+            raise ValueError(
+                f"data.max_tokens ({self.max_tokens}) must be at least data.crop_length "
+                f"({self.crop_length}) so that every sequence fits a micro-batch"
+            )
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+
+    @property
+    def masking(self) -> MaskingConfig:
+        return MaskingConfig(self.mask_probability, self.mask_fraction, self.random_fraction)
+
+
+# ------------------------------------------------------------------------------- shards
+
+
+def _register_s3() -> None:
+    """Let webdataset open s3:// URLs through fsspec/s3fs (credentials from the AWS env)."""
+    import webdataset.gopen as gopen
+
+    if "s3" not in gopen.gopen_schemes:
+
+        def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+            import fsspec
+
+            return fsspec.open(url, mode).open()
+
+        gopen.gopen_schemes["s3"] = open_s3
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split and their sample counts."""
+
+    urls: list[str]
+    sizes: list[int]
+    split: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @classmethod
+    def from_directory(cls, path: str, split: str) -> ShardSet:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        fs, root = fsspec.core.url_to_fs(path)
+        manifest_path = f"{root.rstrip('/')}/{MANIFEST}"
+        try:
+            manifest = json.loads(fs.cat_file(manifest_path))
+        except FileNotFoundError:
+            raise DataError(
+                f"{path}: no {MANIFEST} — not a sharded dataset, or its sharding has not "
+                "finished (run or rerun `esmdist shard`)"
+            ) from None
+        if manifest.get("format_version") != SUPPORTED_FORMAT:
+            raise DataError(
+                f"{path}: shard format version {manifest.get('format_version')} is not "
+                f"supported (this esmdist reads version {SUPPORTED_FORMAT})"
+            )
+        with fs.open(f"{root.rstrip('/')}/shards.parquet", "rb") as handle:
+            rows = [r for r in pq.read_table(handle).to_pylist() if r["split"] == split]
+        if not rows:
+            raise DataError(f"{path}: the split {split!r} has no shards")
+        base = path.rstrip("/")
+        return cls([f"{base}/{r['name']}" for r in rows], [r["samples"] for r in rows], split)
+
+
+def read_shard(url: str, expected: int | None = None) -> list[tuple[list[str], list[str]]]:
+    """(ids, sequences) of every sample of a shard, in tar order."""
+    import webdataset as wds
+
+    if url.startswith("s3://"):
+        _register_s3()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception)
+    )
+    samples = []
+    try:
+        for sample in pipeline:
+            text = sample.get("fasta")
+            if text is None:
+                raise DataError(f"{url}: sample {sample['__key__']} has no .fasta member")
+            lines = text.decode("ascii").split("\n")
+            samples.append(([i[1:] for i in lines[0:-1:2]], lines[1:-1:2]))
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{url}: shard listed in the manifest is missing") from None
+    except Exception as exc:
+        raise DataError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    if expected is not None and len(samples) != expected:
+        raise DataError(
+            f"{url}: holds {len(samples)} samples but shards.parquet lists {expected} "
+            "(truncated or replaced shard?)"
+        )
+    return samples
+
+
+# ------------------------------------------------------------------------- slot stream
+
+
+@dataclass
+class SlotBatch:
+    """A batch and where its slot stands after it."""
+
+    batch: PackedBatch
+    slot: int
+    epoch: int
+    read: int
+
+
+def slot_sequences(
+    shards: ShardSet, config: DataConfig, state: OrderState, slot: int, epochs: int | None
+) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """(epoch, read count after this sample, global position, tokens) for a slot's samples.
+
+    One cluster member per sample per epoch and the crop window are drawn from a generator
+    seeded by (seed, epoch, shard): the same draws whichever slot reads the shard.
+    """
+    epoch, read = state.slots[slot]
+    stop = None if epochs is None else epoch + epochs
+    while stop is None or epoch < stop:
+        order = EpochOrder(shards.sizes, state.seed, epoch)
+        run = state.run(shards.total, slot, epoch)
+        for start, end in take(run, read, count(run) - read):
+            position = start
+            for shard, indices in order.runs(start, end):
+                samples = read_shard(shards.urls[shard], shards.sizes[shard])
+                draws = rng(state.seed, epoch, 2, shard).random((2, shards.sizes[shard]))
+                for index in indices:
+                    sequences = samples[index][1]
+                    member = sequences[int(draws[0][index] * len(sequences))]
+                    residues = alphabet.encode_residues(member, "unk")
+                    read += 1
+                    yield epoch, read, position, with_specials(
+                        crop(residues, config.crop_length, draws[1][index])
+                    )
+                    position += 1
+        epoch, read = epoch + 1, 0
+
+
+def slot_batches(
+    shards: ShardSet,
+    config: DataConfig,
+    state: OrderState,
+    slot: int,
+    epochs: int | None = None,
+    mask_seed: int | None = None,
+) -> Iterator[SlotBatch]:
+    """Packed, masked batches of one slot. A batch holds whole sequences up to
+    `config.max_tokens` tokens; its masks are drawn from (mask seed, epoch, position of its
+    first sample) — a pure function of the order, so a resumed slot masks identically."""
+    mask_seed = state.seed if mask_seed is None else mask_seed
+    pending: list[np.ndarray] = []
+    size = 0
+    first = (0, 0)
+    last = (0, 0)
+    for epoch, read, position, tokens in slot_sequences(shards, config, state, slot, epochs):
+        if pending and size + len(tokens) > config.max_tokens:
+            generator = rng(mask_seed, 3, first[0], first[1])
+            yield SlotBatch(pack(pending, config.masking, generator), slot, *last)
+            pending, size = [], 0
+        if not pending:
+            first = (epoch, position)
+        pending.append(tokens)
+        size += len(tokens)
+        last = (epoch, read)
+    if pending:
+        generator = rng(mask_seed, 3, first[0], first[1])
+        yield SlotBatch(pack(pending, config.masking, generator), slot, *last)
+
+
+class _SlotDataset(IterableDataset):
+    def __init__(self, shards, config, state, rank, workers, rotation, epochs, mask_seed):
+        self.args = (shards, config, state, rank, workers, rotation, epochs, mask_seed)
+
+    def __iter__(self) -> Iterator[SlotBatch]:
+        shards, config, state, rank, workers, rotation, epochs, mask_seed = self.args
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + rotation) % workers
+        slot = rank * workers + logical
+        yield from slot_batches(shards, config, state, slot, epochs, mask_seed)
+
+
+def merge_rank_states(rank_states: list[dict]) -> dict:
+    """One resume state for the whole job from every rank's `TrainLoader.state_dict()`:
+    the global order state (each slot's progress from the rank that owns it) and each rank's
+    next logical worker."""
+    merged = OrderState.from_dict(rank_states[0]["order"])
+    for state in rank_states:
+        owned = OrderState.from_dict(state["order"]).slots
+        first = state["rank"] * state["workers"]
+        merged.slots[first : first + state["workers"]] = owned[first : first + state["workers"]]
+    rotations = [s["rotation"] for s in sorted(rank_states, key=lambda s: s["rank"])]
+    return {"order": merged.to_dict(), "rotations": rotations}
+
+
+class TrainLoader:
+    """Infinite packed batches for one rank, resumable to the exact next batch.
+
+    `resume` is a `merge_rank_states` result: with the same world size and workers every slot
+    continues exactly; with another topology the rest of each open epoch is redistributed
+    (see esmdist.data.order)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        config: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        resume: dict | None = None,
+    ):
+        self.shards, self.config = shards, config
+        self.rank, self.world_size = rank, world_size
+        self.workers = max(1, config.num_workers)
+        slots = world_size * self.workers
+        order = OrderState.fresh(config.seed, slots)
+        self.rotation = 0
+        if resume is not None:
+            order = OrderState.from_dict(resume["order"])
+            if len(order.slots) == slots and len(resume["rotations"]) == world_size:
+                self.rotation = resume["rotations"][rank]
+            order = order.resized(shards.total, slots)
+        self.order = order
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        dataset = _SlotDataset(self.shards, self.config, self.order, self.rank, self.workers,
+                               self.rotation, None, None)  # fmt: skip
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.config.num_workers,
+            prefetch_factor=4 if self.config.num_workers else None,
+            multiprocessing_context="spawn" if self.config.num_workers else None,
+        )
+        batches = iter(loader)
+        try:
+            for item in batches:
+                self.order.slots[item.slot] = (item.epoch, item.read)
+                self.rotation = (item.slot - self.rank * self.workers + 1) % self.workers
+                yield item.batch
+        finally:
+            del batches  # stop the worker processes now, not whenever the iterator is collected
+
+    def state_dict(self) -> dict:
+        """This rank's part of the resume state (merge all ranks' with merge_rank_states)."""
+        return {"rank": self.rank, "workers": self.workers, "rotation": self.rotation,
+                "order": self.order.to_dict()}  # fmt: skip
+
+
+def validation_batches(
+    shards: ShardSet, config: DataConfig, rank: int = 0, world_size: int = 1
+) -> Iterator[PackedBatch]:
+    """The validation split once, this rank's disjoint part of it, in-process, with masks from
+    `config.valid_seed`: identical batches at every evaluation, in every run."""
+    state = OrderState.fresh(config.valid_seed, world_size)
+    for item in slot_batches(shards, config, state, rank, epochs=1, mask_seed=config.valid_seed):
+        yield item.batch
