@@ -37,7 +37,9 @@ def main() -> None:
                 out.write(text)
                 written += len(text)
             copy += 1
-    print(f"{args.out}: {written / 1e6:.0f} MB uncompressed, {args.out.stat().st_size / 1e6:.0f} MB gz")
+    print(
+        f"{args.out}: {written / 1e6:.0f} MB uncompressed, {args.out.stat().st_size / 1e6:.0f} MB gz"
+    )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def test_tokens_are_the_real_sequences(sharded, sequences_by_id):
     shards = ShardSet.from_directory(str(sharded), "train")
     order = EpochOrder(shards.sizes, 0, 0)
     cfg = config(sharded, crop_length=100_000, max_tokens=100_000)
-    for _, _, position, tokens in list(slot_sequences(shards, cfg, OrderState.fresh(0, 1), 0, 1))[:50]:
+    for _, _, position, tokens in list(slot_sequences(shards, cfg, OrderState.fresh(0, 1), 0, 1))[
+        :50
+    ]:
         shard, index = order.locate(position)
         ids, _ = read_shard(shards.urls[shard])[index]
         assert alphabet.decode(tokens) == sequences_by_id[ids[0]]
@@ -214,7 +216,9 @@ def test_clusters_draw_one_member_per_epoch(demo_records, tmp_path):
     drawn = []
     for epoch in range(4):
         state = OrderState(0, [(epoch, 0)])
-        picks = [by_seq[alphabet.decode(t)] for _, _, _, t in slot_sequences(shards, cfg, state, 0, 1)]
+        picks = [
+            by_seq[alphabet.decode(t)] for _, _, _, t in slot_sequences(shards, cfg, state, 0, 1)
+        ]
         assert sorted(members[p] for p in picks) == sorted(clusters), "one member per cluster"
         drawn.append(set(picks))
     assert len(set.union(*drawn)) > len(drawn[0]), "other members in other epochs"

@@ -145,7 +145,9 @@ class OrderState:
         return cls(
             seed=int(data["seed"]),
             slots=[(int(e), int(r)) for e, r in data["slots"]],
-            consumed={int(e): [(int(a), int(b)) for a, b in v] for e, v in data["consumed"].items()},
+            consumed={
+                int(e): [(int(a), int(b)) for a, b in v] for e, v in data["consumed"].items()
+            },
         )
 
     def resized(self, total: int, num_slots: int) -> OrderState:

@@ -610,7 +610,9 @@ def _plan_shards(options: ShardOptions, partitions: int, work: Path) -> list[Sha
                 if current is None or full:
                     if current is not None and index > start:
                         current.pieces.append((part, start, index))
-                    current = ShardPlan(f"{split}-{sum(p.split == split for p in plans):06d}", split)
+                    current = ShardPlan(
+                        f"{split}-{sum(p.split == split for p in plans):06d}", split
+                    )
                     plans.append(current)
                     start, size, count = index, 0, 0
                 size += int(sample_bytes)

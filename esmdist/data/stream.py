@@ -187,8 +187,11 @@ def slot_sequences(
                     member = sequences[int(draws[0][index] * len(sequences))]
                     residues = alphabet.encode_residues(member, "unk")
                     read += 1
-                    yield epoch, read, position, with_specials(
-                        crop(residues, config.crop_length, draws[1][index])
+                    yield (
+                        epoch,
+                        read,
+                        position,
+                        with_specials(crop(residues, config.crop_length, draws[1][index])),
                     )
                     position += 1
         epoch, read = epoch + 1, 0
