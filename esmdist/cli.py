@@ -188,19 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)
-    model_help = (f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), a fair-esm "
-                  ".pt file or a Hugging Face directory")  # fmt: skip
+
+    def add_model_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--model", required=True,
+                             help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), "
+                             "a fair-esm .pt file or a Hugging Face directory")  # fmt: skip
+        command.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
+
     perplexity = eval_sub.add_parser(
         "perplexity",
         help="masked-LM perplexity on a held-out split of a sharded dataset",
         description="Score the validation stream (fixed masks: comparable across runs) of a "
         "sharded dataset, next to the unigram perplexity fitted on its train split.",
     )
-    perplexity.add_argument("--model", required=True, help=model_help)
+    add_model_arguments(perplexity)
     perplexity.add_argument("--shards", required=True, help="directory written by esmdist shard")
     perplexity.add_argument("--split", default="valid", help="held-out split (default: valid)")
     perplexity.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
-    perplexity.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
     perplexity.set_defaults(func=_cmd_eval_perplexity)
 
     pppl = eval_sub.add_parser(
@@ -209,10 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mask every residue in turn and report exp(mean NLL) per sequence, with the "
         "unigram (residue-frequency) perplexity of the same sequences as the baseline.",
     )
-    pppl.add_argument("--model", required=True, help=model_help)
+    add_model_arguments(pppl)
     pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
     pppl.add_argument("--limit", type=int, default=16, help="score the first N sequences")
-    pppl.add_argument("--seed", type=int, default=0, help="seed of an untrained model's init")
     pppl.set_defaults(func=_cmd_eval_pppl)
     return parser
 

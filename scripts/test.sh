@@ -2,12 +2,14 @@
 # Sets up .venv (scripts/setup.sh) and runs lint, format check and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,s3
+bash scripts/setup.sh dev,s3,deepspeed,wandb
 . .venv/bin/activate
 ruff check .
 ruff format --check .
 # OMP threads fixed: results of the determinism tests must not depend on the machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# DeepSpeed builds its CPU communication op once (~100 s); keep it at a stable path.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/esmdist/torch_extensions}"
 set +e
 python -m pytest -q "$@"
 status=$?

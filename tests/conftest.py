@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FASTA = REPO / "data" / "demo_4k.fasta"
-SHARED_DATA = Path(os.environ.get("ESMDIST_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
@@ -59,3 +58,17 @@ def s3_env(s3_server, monkeypatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server.env()
+
+
+def make_shards(folder: Path, records, shard_samples: int, valid: float = 0.05) -> Path:
+    """Shard `records` (real (header, sequence) pairs) into `folder/shards`."""
+    from esmdist.data.shard import ShardOptions, run_sharding
+
+    source = folder / "in.fasta"
+    source.write_text("".join(f">{h}\n{s}\n" for h, s in records))
+    out = folder / "shards"
+    splits = (("valid", valid),) if valid else ()
+    options = ShardOptions(inputs=(str(source),), out=str(out), shard_bytes=None,
+                           shard_samples=shard_samples, splits=splits)  # fmt: skip
+    run_sharding(options, workers=2)
+    return out

@@ -7,7 +7,7 @@ import gzip
 import pytest
 
 from esmdist.data.fasta import FastaError, ReadReport, parse_header, read_fasta
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
 
 def write(tmp_path, text: bytes | str, name="in.fasta"):
@@ -33,10 +33,10 @@ def test_header_formats():
 
 
 def test_real_uniprot_and_uniref_files():
-    uniprot = list(read_fasta(str(SHARED_DATA / "sequences/mmseqs2_QUERY_uniprot500.fasta")))
+    uniprot = list(read_fasta(str(TEST_DATA / "mmseqs2_QUERY_uniprot500.fasta")))
     assert len(uniprot) == 500
     assert uniprot[0].id == "A7TBS3" and uniprot[0].fields["db"] == "tr"
-    uniref = list(read_fasta(str(SHARED_DATA / "sequences/esm_some_proteins_uniref50.fasta")))
+    uniref = list(read_fasta(str(TEST_DATA / "esm_some_proteins_uniref50.fasta")))
     assert len(uniref) == 15 and all(r.id.startswith("UniRef50_") for r in uniref)
 
 

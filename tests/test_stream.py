@@ -27,19 +27,13 @@ from esmdist.data.stream import (
     slot_sequences,
     validation_batches,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, make_shards
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, demo_records):
     """1,500 real sequences in 100-sample shards (train ≈ 14 shards, valid ≈ 1)."""
-    folder = tmp_path_factory.mktemp("stream")
-    source = folder / "in.fasta"
-    source.write_text("".join(f">{h}\n{s}\n" for h, s in demo_records[:1500]))
-    out = folder / "shards"
-    run_sharding(ShardOptions(inputs=(str(source),), out=str(out), shard_bytes=None,
-                              shard_samples=100, splits=(("valid", 0.05),)), workers=2)  # fmt: skip
-    return out
+    return make_shards(tmp_path_factory.mktemp("stream"), demo_records[:1500], 100)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +96,8 @@ def test_crop_is_a_seeded_window(sharded, sequences_by_id):
 
 def test_masking_statistics_and_specials(demo_records):
     tokens = np.concatenate([alphabet.encode(s) for _, s in demo_records[:300]])
-    inputs, selected, targets = mask_tokens(tokens, MaskingConfig(), np.random.default_rng(0))
+    draws = np.random.default_rng(0).random((3, len(tokens)))
+    inputs, selected, targets = mask_tokens(tokens, MaskingConfig(), draws)
     residues = tokens >= 4
     assert not (selected & ~residues).any()
     assert abs(selected.sum() / residues.sum() - 0.15) < 0.01
@@ -234,6 +229,18 @@ def test_validation_stream_is_fixed_and_split_across_ranks(sharded):
     assert total == shards.total
     parts = [sum(b.num_sequences for b in validation_batches(shards, cfg, r, 2)) for r in (0, 1)]
     assert sum(parts) == total and min(parts) > 0
+    # The same masks whatever the batch size or number of ranks: the same perplexity.
+    from esmdist.eval.perplexity import masked_perplexity
+    from esmdist.model import ESM, ModelConfig
+    from tests.reference import randomize_
+
+    model = randomize_(ESM(ModelConfig(num_layers=1, embed_dim=32, attention_heads=2)), 0).eval()
+    whole, count = masked_perplexity(model, one)
+    small = config(sharded, max_tokens=1024)
+    parts = [masked_perplexity(model, validation_batches(shards, small, r, 2)) for r in (0, 1)]
+    assert sum(c for _, c in parts) == count
+    combined = np.exp(sum(np.log(p) * c for p, c in parts) / count)
+    assert abs(combined - whole) < 1e-6 * whole
 
 
 def test_bad_shards_are_named(sharded, tmp_path):

@@ -50,15 +50,15 @@ def with_specials(residues: np.ndarray) -> np.ndarray:
 
 
 def mask_tokens(
-    tokens: np.ndarray, config: MaskingConfig, generator: np.random.Generator
+    tokens: np.ndarray, config: MaskingConfig, draws: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BERT/ESM masking over a whole flat batch at once.
+    """BERT/ESM masking over a whole flat batch at once, from `draws`: uniform [0, 1) numbers,
+    shape [3, T] (selection, action, random residue).
 
     Returns (input tokens, selected positions as bool, targets at the selected positions).
     Special tokens are never selected; at least one residue is, so every batch has a loss.
     """
     residue = tokens >= 4
-    draws = generator.random((3, len(tokens)))
     selected = residue & (draws[0] < config.probability)
     if not selected.any():
         candidates = np.flatnonzero(residue)
@@ -112,13 +112,14 @@ class PackedBatch:
         return tokens, selected
 
 
-def pack(sequences: list[np.ndarray], config: MaskingConfig, generator) -> PackedBatch:
-    """One packed, masked batch of `sequences` (each already `<cls> … <eos>`)."""
+def pack(sequences: list[np.ndarray], config: MaskingConfig, draws: np.ndarray) -> PackedBatch:
+    """One packed, masked batch of `sequences` (each already `<cls> … <eos>`); `draws` as for
+    `mask_tokens`."""
     tokens = np.concatenate(sequences)
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
     cu_seqlens = np.zeros(len(sequences) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
-    inputs, selected, targets = mask_tokens(tokens, config, generator)
+    inputs, selected, targets = mask_tokens(tokens, config, draws)
     return PackedBatch(
         torch.from_numpy(inputs),
         torch.from_numpy(cu_seqlens),

@@ -206,26 +206,38 @@ def slot_batches(
     mask_seed: int | None = None,
 ) -> Iterator[SlotBatch]:
     """Packed, masked batches of one slot. A batch holds whole sequences up to
-    `config.max_tokens` tokens; its masks are drawn from (mask seed, epoch, position of its
-    first sample) — a pure function of the order, so a resumed slot masks identically."""
-    mask_seed = state.seed if mask_seed is None else mask_seed
+    `config.max_tokens` tokens.
+
+    Training (`mask_seed` None): masks drawn for the whole batch at once from (seed, epoch,
+    position of its first sample) — a pure function of the order, so a resumed slot masks
+    identically. Validation (`mask_seed` given): drawn per sequence from (mask seed, position),
+    so the masks — and the perplexity — do not depend on batch size or world size."""
     pending: list[np.ndarray] = []
+    draws: list[np.ndarray] = []
     size = 0
     first = (0, 0)
     last = (0, 0)
+
+    def batch() -> SlotBatch:
+        if mask_seed is None:
+            numbers = rng(state.seed, 3, *first).random((3, size))
+        else:
+            numbers = np.concatenate(draws, axis=1)
+        return SlotBatch(pack(pending, config.masking, numbers), slot, *last)
+
     for epoch, read, position, tokens in slot_sequences(shards, config, state, slot, epochs):
         if pending and size + len(tokens) > config.max_tokens:
-            generator = rng(mask_seed, 3, first[0], first[1])
-            yield SlotBatch(pack(pending, config.masking, generator), slot, *last)
-            pending, size = [], 0
+            yield batch()
+            pending, draws, size = [], [], 0
         if not pending:
             first = (epoch, position)
         pending.append(tokens)
+        if mask_seed is not None:
+            draws.append(rng(mask_seed, 3, epoch, position).random((3, len(tokens))))
         size += len(tokens)
         last = (epoch, read)
     if pending:
-        generator = rng(mask_seed, 3, first[0], first[1])
-        yield SlotBatch(pack(pending, config.masking, generator), slot, *last)
+        yield batch()
 
 
 class _SlotDataset(IterableDataset):

@@ -1,0 +1,223 @@
+"""Typed run configuration: one small dataclass per component, composed into `JobConfig`.
+
+A run is a TOML file (`configs/*.toml`) with one table per component, overridden from the
+command line with dotted keys (`--train.max_steps=50 --parallel.backend=fsdp`). Unknown keys,
+values of the wrong type and inconsistent combinations are errors that name the key. The
+resolved config is printed at start and saved with every checkpoint (`to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from esmdist.data.stream import DataConfig
+from esmdist.model.config import MODEL_SIZES, ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    size: str = "debug"
+    """A named size from esmdist.model.MODEL_SIZES."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Architecture fields that differ from the named size (e.g. {num_layers = 4})."""
+
+    def build(self) -> ModelConfig:
+        if self.size not in MODEL_SIZES:
+            raise ValueError(
+                f"model.size: unknown size {self.size!r}; known: {', '.join(MODEL_SIZES)}"
+            )
+        base = MODEL_SIZES[self.size].to_dict()
+        unknown = sorted(set(self.overrides) - set(base))
+        if unknown:
+            raise ValueError(f"model.overrides: unknown key(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(ModelConfig)
+        changed = {
+            k: _coerce(v, hints[k], f"model.overrides.{k}") for k, v in self.overrides.items()
+        }
+        return ModelConfig.from_dict({**base, **changed})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4e-4
+    """Peak learning rate (ESM-2: 4e-4; 1.6e-4 for 15B)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 2000
+    final_lr_fraction: float = 0.1
+    """Linear decay after warm-up down to this fraction of the peak at train.max_steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 500_000
+    tokens_per_step: int = 2_097_152
+    """Tokens per optimizer step = micro-batch tokens × accumulation × world size (ESM-2: ~2M)."""
+    seed: int = 0
+    """Seed of the model initialisation."""
+    log_every: int = 10
+    valid_every: int = 1000
+    """Steps between validation perplexity evaluations (0: never)."""
+    max_bad_steps: int = 5
+    """NaN/Inf loss or gradient: the step is skipped and counted; this many in a row abort."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    output_dir: str = "out/run"
+    """Local directory for metrics.jsonl, the resolved config and wandb's offline files."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    backend: Literal["single", "ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    cpu_offload: bool = False
+    """DeepSpeed: keep optimizer state in CPU memory."""
+    meta_init: bool = False
+    """FSDP: build on the meta device and initialise each shard in place (for sizes that do not
+    fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless an API key is configured; WANDB_MODE wins)."""
+    project: str = "esmdist"
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self, world_size: int) -> None:
+        """Consistency that depends on the launch: raises naming the keys to change."""
+        per_step = self.data.max_tokens * world_size
+        if self.train.tokens_per_step % per_step:
+            raise ValueError(
+                f"train.tokens_per_step ({self.train.tokens_per_step}) must be a multiple of "
+                f"data.max_tokens × world size ({self.data.max_tokens} × {world_size} = {per_step})"
+            )
+        if self.parallel.backend == "single" and world_size > 1:
+            raise ValueError(
+                "parallel.backend 'single' runs one process; use ddp, fsdp or deepspeed"
+            )
+        if self.parallel.backend == "deepspeed" and self.parallel.zero_stage not in (1, 2, 3):
+            raise ValueError("parallel.zero_stage must be 1, 2 or 3")
+        if self.optim.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
+            raise ValueError("optim.warmup_steps must be below train.max_steps")
+
+    def accumulation(self, world_size: int) -> int:
+        return self.train.tokens_per_step // (self.data.max_tokens * world_size)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """`value` as type `kind` (from TOML or a command-line string); errors name `key`."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            choices = ", ".join(map(str, typing.get_args(kind)))
+            raise ValueError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        return None if value is None else _coerce(value, options[0], key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(kind)
+        if len(items) != len(args):
+            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a table, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if kind in (int, float, str):
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    raise TypeError(f"{key}: unsupported config type {kind}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(f'{prefix}{k}' for k in unknown)}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a table")
+            values[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, kind, f"{prefix}{name}")
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--{key}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """The JobConfig of a TOML file (or the defaults) with `--section.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"override {item!r}: write --section.key=value")
+        key, value = item[2:].split("=", 1)
+        if "." not in key:
+            raise ValueError(f"override {item!r}: keys are dotted, e.g. --train.max_steps=50")
+        _set_dotted(tree, key, value)
+    return _build(JobConfig, tree, "")

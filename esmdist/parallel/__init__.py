@@ -1,0 +1,9 @@
+"""Parallelism behind one small interface (`Engine`): single process, DDP, FSDP2, DeepSpeed.
+
+The model file knows nothing of this room; the training loop only calls `Engine` methods.
+"""
+
+from esmdist.parallel.distributed import DistInfo, init_distributed
+from esmdist.parallel.engine import Engine, build_engine
+
+__all__ = ["DistInfo", "Engine", "build_engine", "init_distributed"]

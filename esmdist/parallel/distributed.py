@@ -1,0 +1,84 @@
+"""Process-group start-up under `deepspeed`, `torchrun`, `srun` or plain `python`.
+
+torchrun and the deepspeed launcher export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; under `srun` the same facts come from SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID and the job's first node. Plain `python` is one process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_environment() -> None:
+    """Fill the torch.distributed variables from Slurm's when started by srun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+        first = "127.0.0.1"
+        if nodes:
+            try:
+                first = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                                       capture_output=True, text=True).stdout.split()[0]  # fmt: skip
+            except (OSError, subprocess.CalledProcessError, IndexError):
+                first = nodes.split(",")[0]
+        os.environ["MASTER_ADDR"] = first
+    # A port derived from the job id, so that jobs sharing a node do not collide.
+    os.environ.setdefault(
+        "MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    )
+
+
+def init_distributed(backend: str) -> DistInfo:
+    """Join (or skip, for one process) the process group; pick this rank's device."""
+    _slurm_environment()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but this node has {count}; "
+                "start at most one process per GPU"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        comm = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=comm)
+        else:
+            dist.init_process_group(comm, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
