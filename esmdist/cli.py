@@ -16,9 +16,13 @@ from esmdist.model.config import MODEL_SIZES
 
 
 def _load_model_source(source: str):
-    """(config, state dict) from a fair-esm `.pt` file or a Hugging Face model directory."""
+    """(config, state dict) from an esmdist checkpoint (`…/step_NNNNNNNNN`, local or s3://),
+    a fair-esm `.pt` file or a Hugging Face model directory."""
+    from esmdist.checkpoint import STEP_DIR, consolidated_weights
     from esmdist.model import convert
 
+    if STEP_DIR.match(source.rstrip("/").rsplit("/", 1)[-1]):
+        return consolidated_weights(source)
     path = Path(source)
     if path.is_dir():
         return convert.load_hf(path)
@@ -135,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="convert a model to Hugging Face or fair-esm format",
-        description="Convert SOURCE — a fair-esm checkpoint file (e.g. esm2_t6_8M_UR50D.pt, with "
-        "its -contact-regression.pt companion beside it if present) or a Hugging Face "
-        "EsmForMaskedLM directory — to OUT. Files are read without executing pickled code.",
+        description="Convert SOURCE — an esmdist checkpoint directory (…/step_000001000, local "
+        "or s3://; DCP or DeepSpeed ZeRO shards are consolidated), a fair-esm checkpoint file "
+        "(e.g. esm2_t6_8M_UR50D.pt, with its -contact-regression.pt companion beside it if "
+        "present) or a Hugging Face EsmForMaskedLM directory — to OUT.",
     )
-    export.add_argument("source", help="fair-esm .pt file or Hugging Face model directory")
+    export.add_argument("source", help="esmdist checkpoint, fair-esm .pt file or HF directory")
     export.add_argument("--to", choices=["hf", "fair-esm"], required=True,
                         help="hf: a directory loadable by EsmForMaskedLM.from_pretrained; "
                         "fair-esm: a .pt file loadable by esm.pretrained.load_model_and_alphabet_local "
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, PermissionError) as exc:
         print(f"esmdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from esmdist.checkpoint import CheckpointConfig
 from esmdist.data.stream import DataConfig
 from esmdist.model.config import MODEL_SIZES, ModelConfig
 
@@ -105,6 +106,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,7 +173,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config type {kind}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
@@ -183,7 +185,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name}: expected a table")
-            values[name] = _build(kind, value, f"{prefix}{name}.")
+            values[name] = build_section(kind, value, f"{prefix}{name}.")
         else:
             values[name] = _coerce(value, kind, f"{prefix}{name}")
     try:
@@ -220,4 +222,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         if "." not in key:
             raise ValueError(f"override {item!r}: keys are dotted, e.g. --train.max_steps=50")
         _set_dotted(tree, key, value)
-    return _build(JobConfig, tree, "")
+    return build_section(JobConfig, tree, "")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,16 +22,57 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from esmdist.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from esmdist.config import JobConfig, load_config
-from esmdist.data.stream import DataError, ShardSet, TrainLoader, validation_batches
+from esmdist.data.stream import (
+    DataError,
+    ShardSet,
+    TrainLoader,
+    merge_rank_states,
+    validation_batches,
+)
 from esmdist.eval.perplexity import masked_perplexity
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
 from esmdist.parallel import DistInfo, Engine, build_engine, init_distributed
 from esmdist.parallel.distributed import all_reduce_sum
 
+# Exit status after a SIGUSR1/SIGTERM stop with a saved checkpoint (EX_TEMPFAIL): the sbatch
+# script requeues the job on it. Launchers that hide the status (torchrun) still leave the
+# file PREEMPTED in train.output_dir.
+PREEMPTED_EXIT = 75
+
 
 class BadStepsError(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+class Preempted(Exception):
+    """Stopped by SIGUSR1/SIGTERM after saving a checkpoint."""
+
+
+class StopRequest:
+    """Remembers SIGUSR1/SIGTERM (Slurm's warning before the time limit or preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got the signal (checked once per step)."""
+        flag = all_reduce_sum(torch.tensor([1.0 if self.requested else 0.0]))
+        return bool(flag.item())
+
+
+def gather_objects(value) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
 
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
@@ -69,24 +112,54 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
         valid_shards = None
         if info.is_main:
             print(f"no '{config.data.valid_split}' split: validation is off", flush=True)
-    loader = TrainLoader(train_shards, config.data, info.rank, info.world_size)
-
     engine = build_engine(config, model_config, info)
+    checkpointer = Checkpointer(
+        config.checkpoint, config.checkpoint.root or str(out / "checkpoints")
+    )
+    start, tokens_seen, skipped, data_resume, run_id = 0, 0, 0, None, None
+    where = checkpointer.find()
+    if where is not None:
+        state = checkpointer.load(where, engine)
+        start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        data_resume, run_id = state["data"], state.get("wandb_run_id")
+        set_rng_state(state["rng"])
+        if info.is_main:
+            print(f"resumed from {where} at step {start}", flush=True)
+    loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume)
+
     wandb_settings = None
     if config.log.wandb:
         wandb_settings = {"project": config.log.project, "name": config.log.run_name or None}
-    logger = MetricsLogger(out, info.is_main, config.to_dict(), wandb_settings)
+    logger = MetricsLogger(out, info.is_main, config.to_dict(), wandb_settings, run_id)
     peak = peak_tflops(config.parallel.peak_tflops, config.train.dtype, info.device)
+    stop = StopRequest()
+
+    def save(step: int) -> None:
+        data = merge_rank_states(gather_objects(loader.state_dict()))
+        train_state = {
+            "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
+            "schedule": engine.schedule.state_dict(), "data": data, "rng": rng_state(),
+            "wandb_run_id": logger.run_id, "world_size": info.world_size,
+            "backend": config.parallel.backend,
+        }  # fmt: skip
+        checkpointer.save(step, engine, train_state, config.to_dict())
+        if info.is_main:
+            print(
+                f"checkpoint {checkpointer.store.url_of(f'step_{step:09d}')} committed", flush=True
+            )
 
     batches = iter(loader)
-    bad_in_a_row = skipped = 0
+    bad_in_a_row = 0
     last: dict = {}
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-    for step in range(1, config.train.max_steps + 1):
+    for step in range(start + 1, config.train.max_steps + 1):
         micro = [next(batches) for _ in range(accumulation)]
-        masked = all_reduce_sum(
-            torch.tensor([sum(b.targets.numel() for b in micro)], dtype=torch.float64)
-        ).item()
+        counts = all_reduce_sum(torch.tensor(
+            [sum(b.targets.numel() for b in micro), sum(b.num_tokens for b in micro)],
+            dtype=torch.float64,
+        ))  # fmt: skip
+        masked = counts[0].item()
+        tokens_seen += int(counts[1].item())
         loss_sum = torch.zeros((), dtype=torch.float64)
         finite = True
         for index, batch in enumerate(micro):
@@ -122,11 +195,11 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
                     f"step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
                     "gradient; stopping (lower optim.lr or check the data)"
                 )
-            continue
-        bad_in_a_row = 0
-        loss_value = all_reduce_sum(loss_sum).item() / masked
+        else:
+            bad_in_a_row = 0
+        loss_value = all_reduce_sum(loss_sum).item() / masked if applied else math.nan
 
-        if step % config.train.log_every == 0 or step == config.train.max_steps:
+        if applied and (step % config.train.log_every == 0 or step == config.train.max_steps):
             elapsed = time.perf_counter() - window_start
             tokens = all_reduce_sum(torch.tensor([float(window_tokens)])).item()
             flops = all_reduce_sum(torch.tensor([window_flops])).item()
@@ -137,6 +210,7 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed,
                 "tflops_per_device": flops / elapsed / info.world_size / 1e12,
+                "tokens_seen": tokens_seen,
                 "skipped_steps": skipped,
             }
             if peak:
@@ -154,6 +228,16 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
         ):
             last["valid_perplexity"] = validate(engine, valid_shards, config, info)
             logger.log(step, {"valid_perplexity": last["valid_perplexity"]})
+
+        every = config.checkpoint.every
+        stopping = stop.agreed()
+        if stopping or step == config.train.max_steps or (every and step % every == 0):
+            save(step)
+        if stopping:
+            logger.close()
+            if info.is_main:
+                (out / "PREEMPTED").write_text(f"stopped after step {step}\n")
+            raise Preempted(f"stopped by signal after step {step}; checkpoint saved")
     logger.close()
     final = engine.full_state_dict()
     if info.is_main:
@@ -186,10 +270,17 @@ def validate(engine: Engine, shards: ShardSet, config: JobConfig, info: DistInfo
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Object storage: ride out short outages with botocore's own retries (checkpoint writes
+    # also retry at the file level, see esmdist.checkpoint).
+    os.environ.setdefault("AWS_RETRY_MODE", "standard")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
     try:
         config, _ = parse_args(argv)
         train(config)
-    except (ValueError, FileNotFoundError, DataError, BadStepsError) as exc:
+    except Preempted as exc:
+        print(f"pretrain: {exc}; exiting with {PREEMPTED_EXIT} for requeue", flush=True)
+        return PREEMPTED_EXIT
+    except (ValueError, FileNotFoundError, DataError, BadStepsError, CheckpointError) as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

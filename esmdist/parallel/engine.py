@@ -20,10 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from esmdist.model import ESM, ModelConfig
 
 if TYPE_CHECKING:
+    from esmdist.checkpoint import Store
     from esmdist.config import JobConfig
     from esmdist.parallel.distributed import DistInfo
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEEPSPEED_TAG = "deepspeed"
 
 
 def lr_lambda(warmup: int, max_steps: int, final_fraction: float):
@@ -99,6 +101,14 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full fp32 model state on every rank (for tests, export and comparison)."""
+        raise NotImplementedError
+
+    def save(self, store: Store, *parts: str) -> None:
+        """Write model and optimizer state, each rank its shard, under `store/parts`."""
+        raise NotImplementedError
+
+    def load(self, store: Store, *parts: str, train_state: dict) -> None:
+        """Restore what `save` wrote (and the LR schedule from `train_state`)."""
         raise NotImplementedError
 
 
@@ -191,6 +201,31 @@ class TorchEngine(Engine):
             )
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save(self, store: Store, *parts: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from esmdist.checkpoint import dcp_writer
+
+        dcp.save(self._state(), storage_writer=dcp_writer(store, *parts))
+
+    def load(self, store: Store, *parts: str, train_state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from esmdist.checkpoint import dcp_reader
+
+        state = self._state()
+        dcp.load(state, storage_reader=dcp_reader(store, *parts))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])  # fmt: skip
+        self.schedule.load_state_dict(train_state["schedule"])
+
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO stage 1/2/3, with torch's AdamW as a client optimizer (no fused-op build).
@@ -222,12 +257,15 @@ class DeepSpeedEngine(Engine):
             "fp16": {"enabled": config.train.dtype == "fp16"},
             "steps_per_print": 1 << 30,
             "zero_allow_untested_optimizer": True,
+            # Each rank writes its own files to local scratch; esmdist uploads them.
+            "checkpoint": {"use_node_local_storage": True},
         }
         self.model, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
             model_parameters=params,
         )  # fmt: skip
         self.zero_stage = config.parallel.zero_stage
+        self.world_size = dist_info.world_size
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -261,6 +299,35 @@ class DeepSpeedEngine(Engine):
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
                 return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, store: Store, *parts: str) -> None:
+        from esmdist.checkpoint import local_scratch, remove_scratch
+
+        scratch = local_scratch()
+        try:
+            self.model.save_checkpoint(str(scratch), tag=DEEPSPEED_TAG)
+            store.upload_dir(scratch, *parts)
+        finally:
+            remove_scratch(scratch)
+
+    def load(self, store: Store, *parts: str, train_state: dict) -> None:
+        from esmdist.checkpoint import CheckpointError, local_scratch, remove_scratch
+
+        saved = train_state["world_size"]
+        if saved != self.world_size:
+            raise CheckpointError(
+                f"{store.url_of(*parts)}: a DeepSpeed ZeRO checkpoint resumes on the world size it "
+                f"was saved with ({saved} ranks, now {self.world_size}); resume with {saved} "
+                "ranks, or export it (esmdist export) and start a new run from the weights"
+            )
+        scratch = local_scratch()
+        try:
+            store.download_dir(scratch, *parts)
+            path, _ = self.model.load_checkpoint(str(scratch), tag=DEEPSPEED_TAG)
+            if path is None:
+                raise CheckpointError(f"{store.url_of(*parts)}: DeepSpeed found no checkpoint")
+        finally:
+            remove_scratch(scratch)
 
 
 def build_engine(config: JobConfig, model_config: ModelConfig, dist_info: DistInfo) -> Engine:
