@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class CheckpointConfig:
     """`auto`: the newest committed checkpoint under root, if any; `none`; or a path."""
     retries: int = 6
     """Attempts of each storage operation before a save fails."""
+    async_upload: bool = True
+    """Object storage: stage shards on node-local disk and upload while training goes on."""
 
 
 def step_name(step: int) -> str:
@@ -217,31 +220,85 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+class _Upload(threading.Thread):
+    """Uploads one rank's staged shards; remembers the error instead of dying silently."""
+
+    def __init__(self, store: Store, scratch: Path, name: str):
+        super().__init__(name=f"upload-{name}", daemon=True)
+        self.store, self.scratch, self.target = store, scratch, name
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.store.upload_dir(self.scratch / "model_optim", self.target, "model_optim")
+        except Exception as exc:
+            self.error = exc
+        finally:
+            remove_scratch(self.scratch)
+
+
 class Checkpointer:
     """Saves, commits, prunes and finds checkpoints for one run (every rank holds one)."""
 
     def __init__(self, config: CheckpointConfig, root: str):
         self.config = config
         self.store = Store(root, config.retries)
+        self.pending: tuple[str, _Upload] | None = None
 
     # ---------------------------------------------------------------------- saving
-    def save(self, step: int, engine, train_state: dict, job_config: dict) -> None:
-        """Write checkpoint `step` from every rank, then commit it (rank 0) and prune."""
-        rank, world = _rank_world()
+    def save(
+        self, step: int, engine, train_state: dict, job_config: dict, background: bool = False
+    ) -> None:
+        """Write checkpoint `step` from every rank, then commit it (rank 0) and prune.
+
+        `background` (object storage only): every rank writes its shards to node-local scratch
+        — the only pause in training — and uploads them in a thread; the checkpoint is
+        committed by the next `save` or `wait`, which first waits for the upload. A crash in
+        between leaves it uncommitted, and the previous one stays the latest."""
+        self.wait()
+        rank, _ = _rank_world()
         name = step_name(step)
         if rank == 0 and self.store.exists(name):
             self.store.remove(name)  # an uncommitted leftover of a killed save
         _barrier()
-        engine.save(self.store, name, "model_optim")
+        if background and self.store.remote:
+            scratch = local_scratch()
+            engine.save(Store(str(scratch)), "model_optim")
+            upload = _Upload(self.store, scratch, name)
+            upload.start()
+            self.pending = (name, upload)
+        else:
+            engine.save(self.store, name, "model_optim")
         if rank == 0:
-            self.store.write_bytes(
-                json.dumps(train_state, indent=1).encode(), name, "train_state.json"
+            for file, data in (
+                ("train_state.json", json.dumps(train_state, indent=1)),
+                ("config.json", json.dumps(job_config, indent=1, default=list)),
+                ("version.json", json.dumps(version_info(), indent=1)),
+            ):
+                self.store.write_bytes(data.encode(), name, file)
+        if self.pending is None:
+            self._finish(name)
+
+    def wait(self) -> None:
+        """Finish (upload, commit, prune) the background save in flight, if any."""
+        if self.pending is None:
+            return
+        name, upload = self.pending
+        self.pending = None
+        upload.join()
+        failed = torch.tensor([0.0 if upload.error is None else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(failed)
+        if failed.item():
+            raise CheckpointError(
+                f"{self.store.url_of(name)}: upload failed on {int(failed.item())} rank(s)"
+                + (f" ({upload.error})" if upload.error else "")
+                + "; the previous committed checkpoint is still the latest"
             )
-            self.store.write_bytes(json.dumps(job_config, indent=1, default=list).encode(),
-                                   name, "config.json")  # fmt: skip
-            self.store.write_bytes(
-                json.dumps(version_info(), indent=1).encode(), name, "version.json"
-            )
+        self._finish(name)
+
+    def _finish(self, name: str) -> None:
+        rank, world = _rank_world()
         _barrier()
         self._commit(name, rank, world)
         _barrier()

@@ -134,7 +134,7 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
     peak = peak_tflops(config.parallel.peak_tflops, config.train.dtype, info.device)
     stop = StopRequest()
 
-    def save(step: int) -> None:
+    def save(step: int, background: bool) -> None:
         data = merge_rank_states(gather_objects(loader.state_dict()))
         train_state = {
             "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
@@ -231,8 +231,12 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
 
         every = config.checkpoint.every
         stopping = stop.agreed()
-        if stopping or step == config.train.max_steps or (every and step % every == 0):
-            save(step)
+        final = stopping or step == config.train.max_steps
+        if final or (every and step % every == 0):
+            # Periodic saves upload in the background; the last one must be committed now.
+            save(step, background=config.checkpoint.async_upload and not final)
+            if final:
+                checkpointer.wait()
         if stopping:
             logger.close()
             if info.is_main:

@@ -269,3 +269,27 @@ def test_export_consolidates_checkpoints(backend, shards, s3_server, s3_env, tmp
                            str(fair)], cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert fair.exists() and fair.with_name("esm2_t2_export-contact-regression.pt").exists()
+
+
+def test_training_survives_an_s3_restart(shards, s3_server, s3_env, tmp_path):
+    from esmdist.checkpoint import consolidated_weights
+
+    fs = s3_server.filesystem()
+    fs.mkdir("ckpt-restart", exist_ok=True)
+    env = environment(s3_server)
+    root = "s3://ckpt-restart/run"
+    cmd = command(shards, tmp_path / "a", root, 1, "--parallel.backend=single",
+                  "--checkpoint.every=2", "--checkpoint.keep=20", "--train.max_steps=24")  # fmt: skip
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    store = Store(root)
+    wait_for(store, 4, process)
+    s3_server.stop()  # the server goes away in the middle of the next saves
+    time.sleep(4)
+    s3_server.start()
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-2000:] + err[-2000:]
+    committed, partial = store.steps()
+    assert committed == list(range(2, 25, 2)) and not partial
+    for step in committed:
+        consolidated_weights(f"{root}/step_{step:09d}")  # every file matches its sha256

@@ -303,6 +303,9 @@ class DeepSpeedEngine(Engine):
     def save(self, store: Store, *parts: str) -> None:
         from esmdist.checkpoint import local_scratch, remove_scratch
 
+        if not store.remote:
+            self.model.save_checkpoint(store.path(*parts), tag=DEEPSPEED_TAG)
+            return
         scratch = local_scratch()
         try:
             self.model.save_checkpoint(str(scratch), tag=DEEPSPEED_TAG)
