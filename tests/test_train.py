@@ -220,3 +220,21 @@ def test_srun_environment_maps_to_torch_distributed(monkeypatch):
         "1",
     )
     assert os.environ["MASTER_ADDR"] == "gpu-a17" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+
+
+def test_activation_checkpointing_and_compile_train_the_same(shards, tmp_path):
+    """Recomputation gives the same gradients (to fp32 reordering); torch.compile'd blocks too."""
+    from esmdist.train import train
+
+    def final(**extra):
+        args = overrides(shards, tmp_path / ("-".join(extra) or "plain"), **{
+            "parallel.backend": "single", "train.max_steps": 3, "optim.warmup_steps": 1,
+            "train.valid_every": 0, "train.tokens_per_step": 2048, **extra})  # fmt: skip
+        _, engine = train(load_config(REPO / "configs/debug-cpu.toml", args))
+        return engine.full_state_dict()
+
+    plain = final()
+    for variant in ({"train.activation_checkpointing": True}, {"train.compile": True}):
+        state = final(**variant)
+        diff = max((state[k] - plain[k]).abs().max().item() for k in plain)
+        assert diff < 1e-5, (variant, diff)
