@@ -370,15 +370,24 @@ class Checkpointer:
         manifest = json.loads(store.read_bytes(name, COMMITTED))["files"]
         rank, world = _rank_world()
         sizes = store.files(name)
+        problems = []
         for index, (file, (size, digest)) in enumerate(sorted(manifest.items())):
             if file not in sizes:
-                raise CheckpointError(f"{url}/{file}: listed in {COMMITTED} but missing")
-            if sizes[file] != size:
-                raise CheckpointError(
+                problems.append(f"{url}/{file}: listed in {COMMITTED} but missing")
+            elif sizes[file] != size:
+                problems.append(
                     f"{url}/{file}: {sizes[file]} bytes, {COMMITTED} says {size} (truncated?)"
                 )
-            if index % world == rank and store.sha256(name, file) != digest:
-                raise CheckpointError(f"{url}/{file}: sha256 differs from {COMMITTED} (corrupted)")
+            elif index % world == rank and store.sha256(name, file) != digest:
+                problems.append(f"{url}/{file}: sha256 differs from {COMMITTED} (corrupted)")
+        # Every rank checks a share of the files; all must agree before any enters the
+        # collective load, or the ranks whose share was fine would wait forever.
+        if dist.is_initialized():
+            gathered = [None] * world
+            dist.all_gather_object(gathered, problems)
+            problems = sorted({p for part in gathered for p in part})
+        if problems:
+            raise CheckpointError("; ".join(problems))
         train_state = json.loads(store.read_bytes(name, "train_state.json"))
         engine.load(store, name, "model_optim", train_state=train_state)
         return train_state

@@ -105,13 +105,14 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
 
     if not config.data.path:
         raise DataError("data.path is empty: point it at a directory written by esmdist shard")
-    train_shards = ShardSet.from_directory(config.data.path, "train")
+    train_shards = ShardSet.open(config.data.path, "train")
     try:
         valid_shards = ShardSet.from_directory(config.data.path, config.data.valid_split)
     except DataError:
         valid_shards = None
         if info.is_main:
-            print(f"no '{config.data.valid_split}' split: validation is off", flush=True)
+            print(f"no '{config.data.valid_split}' split in {config.data.path}: validation is off",
+                  flush=True)  # fmt: skip
     engine = build_engine(config, model_config, info)
     checkpointer = Checkpointer(
         config.checkpoint, config.checkpoint.root or str(out / "checkpoints")

@@ -56,6 +56,12 @@ def environment(s3_server) -> dict[str, str]:
             "TORCH_EXTENSIONS_DIR": EXTENSIONS}  # fmt: skip
 
 
+def bucket(s3_server, name: str) -> tuple[dict[str, str], str]:
+    """A fresh bucket on the test server: (environment for the runs, its s3:// URL)."""
+    s3_server.filesystem().mkdir(name, exist_ok=True)
+    return environment(s3_server), f"s3://{name}"
+
+
 def run(cmd, env, check=True) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check:
@@ -117,12 +123,9 @@ def checkpoint_tensors(store: Store, step: int, scratch: Path) -> dict[str, torc
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_kill_9_then_resume_is_bitwise_exact(backend, shards, s3_server, s3_env, tmp_path):
-    fs = s3_server.filesystem()
-    bucket = f"ckpt-{backend}"
-    fs.mkdir(bucket, exist_ok=True)
-    env = environment(s3_server)
+    env, url = bucket(s3_server, f"ckpt-{backend}")
     extra = BACKENDS[backend]
-    whole_root, cut_root = f"s3://{bucket}/whole", f"s3://{bucket}/cut"
+    whole_root, cut_root = f"{url}/whole", f"{url}/cut"
     run(command(shards, tmp_path / "whole", whole_root, 2, *extra), env)
 
     process = subprocess.Popen(command(shards, tmp_path / "cut", cut_root, 2, *extra), cwd=REPO,
@@ -153,9 +156,8 @@ def test_kill_9_then_resume_is_bitwise_exact(backend, shards, s3_server, s3_env,
 
 def test_partial_checkpoint_is_ignored_and_cleaned(shards, s3_server, s3_env, tmp_path):
     fs = s3_server.filesystem()
-    fs.mkdir("ckpt-partial", exist_ok=True)
-    env = environment(s3_server)
-    root = "s3://ckpt-partial/run"
+    env, url = bucket(s3_server, "ckpt-partial")
+    root = f"{url}/run"
     first = command(shards, tmp_path / "a", root, 1, "--parallel.backend=single",
                     "--train.max_steps=8")  # fmt: skip
     run(first, env)
@@ -171,10 +173,8 @@ def test_partial_checkpoint_is_ignored_and_cleaned(shards, s3_server, s3_env, tm
 
 
 def test_sigusr1_saves_exits_75_and_resumes_exactly(shards, s3_server, s3_env, tmp_path):
-    fs = s3_server.filesystem()
-    fs.mkdir("ckpt-signal", exist_ok=True)
-    env = environment(s3_server)
-    whole_root, cut_root = "s3://ckpt-signal/whole", "s3://ckpt-signal/cut"
+    env, url = bucket(s3_server, "ckpt-signal")
+    whole_root, cut_root = f"{url}/whole", f"{url}/cut"
     single = ["--parallel.backend=single", "--checkpoint.every=0"]
     run(command(shards, tmp_path / "whole", whole_root, 1, *single), env)
     process = subprocess.Popen(command(shards, tmp_path / "cut", cut_root, 1, *single), cwd=REPO,
@@ -200,10 +200,8 @@ def test_sigusr1_saves_exits_75_and_resumes_exactly(shards, s3_server, s3_env, t
 def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
     from esmdist.checkpoint import consolidated_weights
 
-    fs = s3_server.filesystem()
-    fs.mkdir("ckpt-reshard", exist_ok=True)
-    env = environment(s3_server)
-    root = "s3://ckpt-reshard/run"
+    env, url = bucket(s3_server, "ckpt-reshard")
+    root = f"{url}/run"
     run(command(shards, tmp_path / "two", root, 2, "--parallel.backend=fsdp",
                 "--train.max_steps=8"), env)  # fmt: skip
     _, saved = consolidated_weights(f"{root}/step_000000008")
@@ -226,9 +224,8 @@ def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
 
 def test_corrupted_or_truncated_files_are_named(shards, s3_server, s3_env, tmp_path):
     fs = s3_server.filesystem()
-    fs.mkdir("ckpt-corrupt", exist_ok=True)
-    env = environment(s3_server)
-    root = "s3://ckpt-corrupt/run"
+    env, url = bucket(s3_server, "ckpt-corrupt")
+    root = f"{url}/run"
     run(command(shards, tmp_path / "a", root, 1, "--parallel.backend=single",
                 "--train.max_steps=5"), env)  # fmt: skip
     shard = "ckpt-corrupt/run/step_000000005/model_optim/__0_0.distcp"
@@ -274,10 +271,8 @@ def test_export_consolidates_checkpoints(backend, shards, s3_server, s3_env, tmp
 def test_training_survives_an_s3_restart(shards, s3_server, s3_env, tmp_path):
     from esmdist.checkpoint import consolidated_weights
 
-    fs = s3_server.filesystem()
-    fs.mkdir("ckpt-restart", exist_ok=True)
-    env = environment(s3_server)
-    root = "s3://ckpt-restart/run"
+    env, url = bucket(s3_server, "ckpt-restart")
+    root = f"{url}/run"
     cmd = command(shards, tmp_path / "a", root, 1, "--parallel.backend=single",
                   "--checkpoint.every=2", "--checkpoint.keep=20", "--train.max_steps=24")  # fmt: skip
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -63,3 +63,27 @@ def test_wrong_credentials_name_the_input(s3_server, demo_records, tmp_path):
 def test_missing_s3_input(s3_server, s3_env, tmp_path):
     with pytest.raises(ShardError, match="s3://shard-io/nope.fasta: input does not exist"):
         run_sharding(ShardOptions(inputs=("s3://shard-io/nope.fasta",), out=str(tmp_path / "o")))
+
+
+def test_training_stream_reads_shards_from_s3(s3_server, s3_env, demo_records, tmp_path):
+    import numpy as np
+
+    from esmdist.data.order import OrderState
+    from esmdist.data.stream import DataConfig, ShardSet, slot_batches
+
+    fs = s3_server.filesystem()
+    fs.mkdir("stream-io", exist_ok=True)
+    local = tmp_path / "local"
+    options = ShardOptions(inputs=(str(tmp_path / "in.fasta"),), out=str(local), shard_bytes=None,
+                           shard_samples=60, splits=(("valid", 0.1),))  # fmt: skip
+    (tmp_path / "in.fasta").write_text("".join(f">{h}\n{s}\n" for h, s in demo_records[:400]))
+    run_sharding(options)
+    fs.put(str(local), "stream-io/shards", recursive=True)
+    config = DataConfig(path="s3://stream-io/shards", max_tokens=4096, num_workers=0)
+    remote = ShardSet.from_directory(config.path, "train")
+    here = ShardSet.from_directory(str(local), "train")
+    assert remote.sizes == here.sizes
+    a = [b.batch for b in slot_batches(remote, config, OrderState.fresh(0, 1), 0, epochs=1)]
+    b = [b.batch for b in slot_batches(here, config, OrderState.fresh(0, 1), 0, epochs=1)]
+    assert len(a) == len(b) > 3
+    assert all(np.array_equal(x.tokens.numpy(), y.tokens.numpy()) for x, y in zip(a, b))

@@ -274,3 +274,18 @@ def test_truncated_shard_is_caught_by_the_count(sharded, tmp_path):
     expected = pq.read_table(Path(sharded) / "shards.parquet").to_pylist()[0]["samples"]
     with pytest.raises(DataError, match="holds 40 samples but shards.parquet lists"):
         read_shard(str(short), expected)
+
+
+def test_plain_url_lists_and_pipe_urls(sharded):
+    directory = ShardSet.from_directory(str(sharded), "train")
+    names = [Path(u).name for u in directory.urls]
+    first, last = names[0][6:12], names[-1][6:12]
+    braced = ShardSet.open(f"{sharded}/train-{{{first}..{last}}}.tar", "train")
+    assert braced.urls == directory.urls and braced.sizes == directory.sizes
+    piped = ShardSet.open(" :: ".join(f"pipe:cat {u}" for u in directory.urls), "train")
+    assert piped.sizes == directory.sizes
+    cfg = config(sharded)
+    state = OrderState.fresh(0, 1)
+    ours = [t for *_, t in slot_sequences(directory, cfg, state, 0, 1)]
+    theirs = [t for *_, t in slot_sequences(piped, cfg, state, 0, 1)]
+    assert len(ours) == directory.total and all(np.array_equal(a, b) for a, b in zip(ours, theirs))

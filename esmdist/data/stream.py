@@ -33,7 +33,8 @@ class DataConfig:
     """How a split is streamed into packed micro-batches."""
 
     path: str = ""
-    """A sharded directory (local or s3://) written by `esmdist shard`."""
+    """A sharded directory (local or s3://) written by `esmdist shard`, or webdataset shard
+    URLs separated by `::` (`s3://…`, `pipe:…`, brace ranges) used as the train split."""
     max_tokens: int = 16384
     """Token budget of one packed micro-batch (<cls>/<eos> included)."""
     crop_length: int = 1024
@@ -69,8 +70,11 @@ class DataConfig:
 
 def _register_s3() -> None:
     """Let webdataset open s3:// URLs through fsspec/s3fs (credentials from the AWS env)."""
-    import webdataset.gopen as gopen
+    import importlib
 
+    # `webdataset.gopen` is also the name of a function the package re-exports: import the
+    # module itself.
+    gopen = importlib.import_module("webdataset.gopen")
     if "s3" not in gopen.gopen_schemes:
 
         def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
@@ -118,6 +122,27 @@ class ShardSet:
             raise DataError(f"{path}: the split {split!r} has no shards")
         base = path.rstrip("/")
         return cls([f"{base}/{r['name']}" for r in rows], [r["samples"] for r in rows], split)
+
+    @classmethod
+    def from_urls(cls, urls: list[str], split: str = "train") -> ShardSet:
+        """Shards given as webdataset URLs (local paths, `s3://…`, `pipe:COMMAND`, with brace
+        ranges like `train-{000000..000041}.tar`). Without a manifest the sample counts the
+        order needs are unknown, so every shard is read once here to count them."""
+        import braceexpand
+
+        expanded = [u for url in urls for u in braceexpand.braceexpand(url)]
+        if not expanded:
+            raise DataError("no shard URLs given")
+        return cls(expanded, [len(read_shard(u)) for u in expanded], split)
+
+    @classmethod
+    def open(cls, path: str, split: str) -> ShardSet:
+        """A sharded directory (with manifest.json), or one or more webdataset URLs separated
+        by `::` (the URLs are then the split)."""
+        urls = [u.strip() for u in path.split("::") if u.strip()]
+        if len(urls) == 1 and not urls[0].startswith("pipe:") and not urls[0].endswith(".tar"):
+            return cls.from_directory(urls[0], split)
+        return cls.from_urls(urls, split)
 
 
 def read_shard(url: str, expected: int | None = None) -> list[tuple[list[str], list[str]]]:
