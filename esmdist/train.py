@@ -143,11 +143,10 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
             "wandb_run_id": logger.run_id, "world_size": info.world_size,
             "backend": config.parallel.backend,
         }  # fmt: skip
-        checkpointer.save(step, engine, train_state, config.to_dict())
+        checkpointer.save(step, engine, train_state, config.to_dict(), background)
         if info.is_main:
-            print(
-                f"checkpoint {checkpointer.store.url_of(f'step_{step:09d}')} committed", flush=True
-            )
+            state = "uploading" if checkpointer.pending else "committed"
+            print(f"checkpoint {checkpointer.store.url_of(f'step_{step:09d}')} {state}", flush=True)
 
     batches = iter(loader)
     bad_in_a_row = 0
