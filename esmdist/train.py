@@ -55,8 +55,14 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+        self.previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGUSR1, signal.SIGTERM)
+        }
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before (e.g. when train() returns)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -90,6 +96,14 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
 
 def train(config: JobConfig) -> tuple[dict, Engine]:
     """Run `config`; returns the last logged metrics and the engine (its final state)."""
+    stop = StopRequest()
+    try:
+        return _train(config, stop)
+    finally:
+        stop.restore()
+
+
+def _train(config: JobConfig, stop: StopRequest) -> tuple[dict, Engine]:
     info = init_distributed(config.parallel.backend)
     config.check(info.world_size)
     accumulation = config.accumulation(info.world_size)
@@ -133,7 +147,6 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
         wandb_settings = {"project": config.log.project, "name": config.log.run_name or None}
     logger = MetricsLogger(out, info.is_main, config.to_dict(), wandb_settings, run_id)
     peak = peak_tflops(config.parallel.peak_tflops, config.train.dtype, info.device)
-    stop = StopRequest()
 
     def save(step: int, background: bool) -> None:
         data = merge_rank_states(gather_objects(loader.state_dict()))

@@ -206,7 +206,10 @@ def test_srun_environment_maps_to_torch_distributed(monkeypatch):
     from esmdist.parallel.distributed import _slurm_environment
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so that teardown restores the variable's absence after the code under
+        # test has set it (delenv alone records nothing for an absent variable).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
