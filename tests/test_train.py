@@ -241,3 +241,15 @@ def test_activation_checkpointing_and_compile_train_the_same(shards, tmp_path):
         state = final(**variant)
         diff = max((state[k] - plain[k]).abs().max().item() for k in plain)
         assert diff < 1e-5, (variant, diff)
+
+
+def test_fsdp_builds_on_meta_and_trains(shards, tmp_path):
+    """parallel.meta_init: no full CPU copy per rank; each rank initialises its own shards."""
+    args = overrides(shards, tmp_path / "out", **{"parallel.backend": "fsdp",
+                                                   "parallel.meta_init": True,
+                                                   "train.max_steps": 10})  # fmt: skip
+    (last, state), (last1, _) = run_ranks(run_training, 2, tmp_path, args)
+    assert last["loss"] == last1["loss"] and last["loss"] < 3.3
+    assert all(torch.isfinite(v).all() for v in state.values())
+    # Each rank initialised its own shards in place, with the usual N(0, 0.02).
+    assert state["layers.0.fc1.weight"].std().item() == pytest.approx(0.02, rel=0.3)
