@@ -113,7 +113,8 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from esmdist.eval.perplexity import masked_perplexity, unigram_perplexity
 
     model = _load_model(args.model, args.seed)
-    config = DataConfig(path=args.shards, max_tokens=args.max_tokens, num_workers=0)
+    config = DataConfig(path=args.shards, max_tokens=args.max_tokens,
+                        crop_length=args.crop_length, num_workers=0)  # fmt: skip
     held_out = ShardSet.from_directory(args.shards, args.split)
     train = ShardSet.from_directory(args.shards, "train")
     ppl, count = masked_perplexity(model, validation_batches(held_out, config))
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--shards", required=True, help="directory written by esmdist shard")
     perplexity.add_argument("--split", default="valid", help="held-out split (default: valid)")
     perplexity.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
+    perplexity.add_argument("--crop-length", type=int, default=1024,
+                            help="longest sequence in tokens (match the run's data.crop_length "
+                            "to compare with its logged validation perplexity)")  # fmt: skip
     perplexity.set_defaults(func=_cmd_eval_perplexity)
 
     pppl = eval_sub.add_parser(

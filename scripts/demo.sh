@@ -13,4 +13,5 @@ rm -rf "$out"
 esmdist shard data/demo_4k.fasta --out "$out/shards" --split valid=0.05 --shard-size 64KB \
     --workers 2
 torchrun --standalone --nproc_per_node 2 launcher/pretrain.py --config configs/debug-cpu.toml
-esmdist eval perplexity --model "$out/run/final" --shards "$out/shards" | tee "$out/perplexity.txt"
+esmdist eval perplexity --model "$out/run/final" --shards "$out/shards" --crop-length 512 \
+    | tee "$out/perplexity.txt"
