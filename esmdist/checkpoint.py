@@ -412,10 +412,9 @@ def dcp_reader(store: Store, *parts: str):
 
 
 def local_scratch() -> Path:
-    """A node-local directory for formats that must pass through local disk (DeepSpeed)."""
+    """A fresh node-local directory: DeepSpeed's files and background uploads are staged here."""
     base = Path(os.environ.get("TMPDIR", tempfile.gettempdir()))
-    path = Path(tempfile.mkdtemp(prefix="esmdist-ckpt-", dir=base))
-    return path
+    return Path(tempfile.mkdtemp(prefix="esmdist-ckpt-", dir=base))
 
 
 def remove_scratch(path: Path) -> None:

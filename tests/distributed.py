@@ -48,3 +48,17 @@ def run_ranks(fn, world_size: int, tmp_path: Path, *args) -> list:
         errors = [torch.load(p, weights_only=False).get("error") for p in sorted(out.glob("*.pt"))]
         raise AssertionError("\n".join(e for e in errors if e) or str(exc)) from None
     return [torch.load(out / f"rank{r}.pt", weights_only=False)["ok"] for r in range(world_size)]
+
+
+def child_processes(pid: int, marker: bytes = b"") -> list[int]:
+    """Direct children of `pid` whose command line contains `marker` (Linux /proc)."""
+    listing = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(c) for c in listing.read_text().split()] if listing.exists() else []
+    found = []
+    for child in children:
+        try:
+            if marker in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    return found

@@ -16,7 +16,7 @@ import torch
 
 from esmdist.checkpoint import COMMITTED, Store
 from tests.conftest import REPO, make_shards
-from tests.distributed import free_port
+from tests.distributed import child_processes, free_port
 
 pytestmark = pytest.mark.s3
 STEPS = 16
@@ -77,15 +77,6 @@ def wait_for(store: Store, step: int, process: subprocess.Popen) -> None:
         time.sleep(0.02)
 
 
-def rank_processes(launcher_pid: int) -> list[int]:
-    found = []
-    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"launcher/pretrain.py" in cmdline:
-            found.append(int(child))
-    return found
-
-
 def tensors(value, prefix=""):
     """Every tensor inside nested dicts/lists, by path."""
     if isinstance(value, torch.Tensor):
@@ -133,7 +124,7 @@ def test_kill_9_then_resume_is_bitwise_exact(backend, shards, s3_server, s3_env,
                                start_new_session=True)  # fmt: skip
     cut = Store(cut_root)
     wait_for(cut, 8, process)
-    os.kill(rank_processes(process.pid)[1], signal.SIGKILL)
+    os.kill(child_processes(process.pid, b"launcher/pretrain.py")[1], signal.SIGKILL)
     process.communicate(timeout=300)
     assert process.returncode != 0
     committed, _ = cut.steps()

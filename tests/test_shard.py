@@ -25,6 +25,7 @@ from esmdist.data.shard import (
     run_sharding,
 )
 from tests.conftest import REPO
+from tests.distributed import child_processes
 
 
 def fasta_text(records) -> str:
@@ -245,11 +246,6 @@ def test_option_parsing():
         parse_size("lots")
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "esmdist.cli", "shard", *args]
 
@@ -278,14 +274,13 @@ def test_crash_then_rerun_resumes_to_identical_output(demo_records, tmp_path, ki
     if kill == "whole-run":
         os.killpg(process.pid, signal.SIGKILL)
     else:
-        workers = [c for c in _children(process.pid)
-                   if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+        workers = child_processes(process.pid, b"spawn_main")
         os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
     if kill == "one-worker":
         assert process.returncode == 2
         assert b"rerun the same command to resume" in stderr
-        os.killpg(process.pid, signal.SIGKILL) if _children(process.pid) else None
+        os.killpg(process.pid, signal.SIGKILL) if child_processes(process.pid) else None
     assert not (out / MANIFEST).exists()
     before = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
     assert before

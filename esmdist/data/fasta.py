@@ -101,6 +101,17 @@ def parse_header(header: str) -> tuple[str, dict[str, str]]:
     return first, {"description": rest} if rest else {}
 
 
+def input_error(path: str, exc: OSError) -> FastaError:
+    """What went wrong opening or sizing input `path`, in words that name it and the fix."""
+    if isinstance(exc, FileNotFoundError):
+        return FastaError(f"{path}: input does not exist")
+    if isinstance(exc, PermissionError):
+        return FastaError(
+            f"{path}: access denied — check the AWS credentials/endpoint in the environment ({exc})"
+        )
+    return FastaError(f"{path}: cannot open input ({exc})")
+
+
 class InputFile:
     """A local or fsspec (`s3://…`) input opened for streaming, decompressed by suffix
     (`.gz`, `.zst`), with a sha256 of the stored (compressed) bytes taken as they are read."""
@@ -113,15 +124,8 @@ class InputFile:
         self.stored_bytes = 0
         try:
             self._raw = fsspec.open(path, "rb").open()
-        except FileNotFoundError:
-            raise FastaError(f"{path}: input does not exist") from None
-        except PermissionError as exc:
-            raise FastaError(
-                f"{path}: access denied — check the AWS credentials/endpoint in the "
-                f"environment ({exc})"
-            ) from None
         except OSError as exc:
-            raise FastaError(f"{path}: cannot open input ({exc})") from None
+            raise input_error(path, exc) from None
         name = path.lower()
         if name.endswith(".gz"):
             self._stream: BinaryIO = gzip.GzipFile(fileobj=self, mode="rb")

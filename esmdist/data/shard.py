@@ -50,6 +50,7 @@ from esmdist.data.fasta import (
     InputFile,
     OnInvalid,
     ReadReport,
+    input_error,
     parse_block,
     raw_blocks,
 )
@@ -688,12 +689,8 @@ def _partition_count(options: ShardOptions) -> int:
         try:
             fs, root = fsspec.core.url_to_fs(path)
             size = fs.size(root)
-        except FileNotFoundError:
-            raise ShardError(f"{path}: input does not exist") from None
-        except PermissionError as exc:
-            raise ShardError(f"{path}: access denied — check the AWS credentials ({exc})") from None
         except OSError as exc:
-            raise ShardError(f"{path}: cannot read input ({exc})") from None
+            raise ShardError(str(input_error(path, exc))) from None
         estimate += size * (4 if path.lower().endswith((".gz", ".zst", ".zstd")) else 1)
     return max(1, min(MAX_PARTITIONS, math.ceil(estimate / PARTITION_TARGET_BYTES)))
 
