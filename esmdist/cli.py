@@ -79,14 +79,15 @@ def _load_model(spec: str, seed: int):
     from esmdist.model import ESM, build_model, model_config
 
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec in MODEL_SIZES:
         print(f"model: untrained '{spec}' (random init, seed {seed})")
-        return build_model(model_config(spec)).eval()
+        return build_model(model_config(spec)).eval().to(device)
     config, state = _load_model_source(spec)
     model = ESM(config)
     model.load_state_dict(state)
-    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters)")
-    return model.eval()
+    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters) on {device}")
+    return model.eval().to(device)
 
 
 def _cmd_eval_pppl(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esmdist.checkpoint import COMMITTED, Store
+from esmdist.checkpoint import COMMITTED, CheckpointStore
 from tests.conftest import REPO, make_shards
 from tests.distributed import child_processes, free_port
 
@@ -69,7 +69,7 @@ def run(cmd, env, check=True) -> subprocess.CompletedProcess:
     return done
 
 
-def wait_for(store: Store, step: int, process: subprocess.Popen) -> None:
+def wait_for(store: CheckpointStore, step: int, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + 600
     while not store.exists(f"step_{step:09d}", COMMITTED):
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -89,7 +89,7 @@ def tensors(value, prefix=""):
             yield from tensors(item, f"{prefix}/{index}")
 
 
-def checkpoint_tensors(store: Store, step: int, scratch: Path) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(store: CheckpointStore, step: int, scratch: Path) -> dict[str, torch.Tensor]:
     """Model and optimizer tensors of a checkpoint, whatever wrote it (test code: trusted)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -122,7 +122,7 @@ def test_kill_9_then_resume_is_bitwise_exact(backend, shards, s3_server, s3_env,
     process = subprocess.Popen(command(shards, tmp_path / "cut", cut_root, 2, *extra), cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
-    cut = Store(cut_root)
+    cut = CheckpointStore(cut_root)
     wait_for(cut, 8, process)
     os.kill(child_processes(process.pid, b"launcher/pretrain.py")[1], signal.SIGKILL)
     process.communicate(timeout=300)
@@ -132,7 +132,7 @@ def test_kill_9_then_resume_is_bitwise_exact(backend, shards, s3_server, s3_env,
 
     resumed = run(command(shards, tmp_path / "cut", cut_root, 2, *extra), env)
     assert f"resumed from step_{max(committed):09d}" in resumed.stdout
-    whole = checkpoint_tensors(Store(whole_root), STEPS, tmp_path)
+    whole = checkpoint_tensors(CheckpointStore(whole_root), STEPS, tmp_path)
     again = checkpoint_tensors(cut, STEPS, tmp_path)
     assert whole.keys() == again.keys() and len(whole) > 20
     different = [k for k in whole if not torch.equal(whole[k], again[k])]
@@ -152,7 +152,7 @@ def test_partial_checkpoint_is_ignored_and_cleaned(shards, s3_server, s3_env, tm
     first = command(shards, tmp_path / "a", root, 1, "--parallel.backend=single",
                     "--train.max_steps=8")  # fmt: skip
     run(first, env)
-    store = Store(root)
+    store = CheckpointStore(root)
     # What a save killed before its marker leaves behind: every file but COMMITTED.
     fs.copy("ckpt-partial/run/step_000000008", "ckpt-partial/run/step_000000010", recursive=True)
     fs.rm("ckpt-partial/run/step_000000010/COMMITTED")
@@ -179,11 +179,11 @@ def test_sigusr1_saves_exits_75_and_resumes_exactly(shards, s3_server, s3_env, t
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 75, out[-2000:]
     assert (tmp_path / "cut/PREEMPTED").exists()
-    cut = Store(cut_root)
+    cut = CheckpointStore(cut_root)
     (stopped,), _ = cut.steps()
     assert 4 <= stopped < STEPS
     run(command(shards, tmp_path / "cut", cut_root, 1, *single), env)
-    whole = checkpoint_tensors(Store(whole_root), STEPS, tmp_path)
+    whole = checkpoint_tensors(CheckpointStore(whole_root), STEPS, tmp_path)
     again = checkpoint_tensors(cut, STEPS, tmp_path)
     assert all(torch.equal(whole[k], again[k]) for k in whole)
 
@@ -243,7 +243,7 @@ def test_export_consolidates_checkpoints(backend, shards, s3_server, s3_env, tmp
 
     env = environment(s3_server)
     root = f"s3://ckpt-{backend}/whole/step_{STEPS:09d}"
-    if not Store(root.rsplit("/", 1)[0]).exists(f"step_{STEPS:09d}", COMMITTED):
+    if not CheckpointStore(root.rsplit("/", 1)[0]).exists(f"step_{STEPS:09d}", COMMITTED):
         pytest.skip("needs the kill -9 test's checkpoints")
     out = tmp_path / "hf"
     done = subprocess.run([sys.executable, "-m", "esmdist.cli", "export", root, "--to", "hf", str(out)],
@@ -268,7 +268,7 @@ def test_training_survives_an_s3_restart(shards, s3_server, s3_env, tmp_path):
                   "--checkpoint.every=2", "--checkpoint.keep=20", "--train.max_steps=24")  # fmt: skip
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    store = Store(root)
+    store = CheckpointStore(root)
     wait_for(store, 4, process)
     s3_server.stop()  # the server goes away in the middle of the next saves
     time.sleep(4)

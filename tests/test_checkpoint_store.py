@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from esmdist.checkpoint import COMMITTED, CheckpointConfig, Checkpointer, CheckpointError, Store
+from esmdist.checkpoint import (
+    COMMITTED,
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    CheckpointStore,
+)
+from esmdist.storage import StorageError, Store
 
 
 def make(root, step: int, committed: bool = True) -> None:
@@ -23,7 +30,7 @@ def test_retention_keeps_newest_and_every_mth(tmp_path):
     (tmp_path / "step_000000700" / "model_optim" / "__0_0.distcp").unlink()
     checkpointer = Checkpointer(CheckpointConfig(keep=2, keep_every=500), str(tmp_path))
     checkpointer.prune()
-    committed, partial = Store(str(tmp_path)).steps()
+    committed, partial = CheckpointStore(str(tmp_path)).steps()
     assert committed == [500, 900, 1000]
     assert partial == [1200]
 
@@ -40,7 +47,7 @@ def test_latest_is_the_newest_committed(tmp_path):
 
 def test_transient_errors_are_retried_then_fail_loudly(tmp_path, monkeypatch):
     store = Store(str(tmp_path), retries=3)
-    monkeypatch.setattr("esmdist.checkpoint.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("esmdist.storage.time.sleep", lambda seconds: None)
     calls = []
 
     def flaky():
@@ -50,7 +57,7 @@ def test_transient_errors_are_retried_then_fail_loudly(tmp_path, monkeypatch):
         return "ok"
 
     assert store.retry("writing x", flaky) == "ok" and len(calls) == 3
-    with pytest.raises(CheckpointError, match="writing y: failed after 3 attempts"):
+    with pytest.raises(StorageError, match="writing y: failed after 3 attempts"):
         store.retry("writing y", lambda: (_ for _ in ()).throw(TimeoutError("timed out")))
 
 
@@ -61,3 +68,69 @@ def test_uncommitted_checkpoint_is_refused(tmp_path):
     )
     with pytest.raises(CheckpointError, match="not committed"):
         checkpointer.load(checkpointer.find(), engine=None)
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    """DCP's `.metadata` is a pickle: one that names anything but DCP's own types is refused
+    before it can run, even when COMMITTED vouches for it."""
+    import hashlib
+    import json
+    import os
+    import pickle
+
+    import torch
+
+    from esmdist.config import load_config
+    from esmdist.parallel import build_engine
+    from esmdist.parallel.distributed import DistInfo
+
+    config = load_config(None, ["--model.size=debug", "--parallel.backend=single"])
+    engine = build_engine(config, config.model.build(), DistInfo(0, 1, 0, torch.device("cpu")))
+    checkpointer = Checkpointer(CheckpointConfig(), str(tmp_path))
+    state = {"step": 1, "schedule": engine.schedule.state_dict(), "world_size": 1}
+    checkpointer.save(1, engine, state, {})
+    assert checkpointer.load("step_000000001", engine)["step"] == 1  # the genuine one loads
+
+    witness = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {witness}",))
+
+    folder = tmp_path / "step_000000001"
+    evil = pickle.dumps(Payload())
+    (folder / "model_optim" / ".metadata").write_bytes(evil)
+    manifest = json.loads((folder / COMMITTED).read_text())
+    manifest["files"]["model_optim/.metadata"] = [len(evil), hashlib.sha256(evil).hexdigest()]
+    (folder / COMMITTED).write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=r"\.metadata: refusing to unpickle (posix|os)\.system"
+    ):
+        checkpointer.load("step_000000001", engine)
+    assert not witness.exists()
+
+
+def test_staging_goes_to_host_memory_and_orphans_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from esmdist.checkpoint import local_scratch, remove_scratch
+
+    memory = Path("/dev/shm")
+    if not memory.is_dir():
+        pytest.skip("no /dev/shm here")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    orphan = memory / f"esmdist-ckpt-{dead}-abc"
+    orphan.mkdir()
+    (orphan / "shard").write_bytes(b"x" * 1000)
+    mine, unsized = local_scratch(needed=1000), local_scratch()
+    try:
+        assert mine.parent == memory and mine.name.startswith(f"esmdist-ckpt-{os.getpid()}-")
+        assert not orphan.exists()
+        assert unsized.parent != memory  # nothing said about its size: not in memory
+    finally:
+        remove_scratch(mine)
+        remove_scratch(unsized)

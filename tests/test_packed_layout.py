@@ -7,6 +7,7 @@ import torch
 
 from esmdist import alphabet
 from esmdist.model import ESM, ModelConfig
+from esmdist.model.attention import PackedSpans, SelfAttention
 from tests.reference import masked_batch, randomize_
 
 
@@ -55,3 +56,26 @@ def test_layout_errors():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="contacts need the padded layout"):
         model(torch.zeros(5, dtype=torch.long), torch.tensor([0, 5]), return_contacts=True)
+
+
+def test_spans_without_the_varlen_kernel_fall_back_to_the_mask(real_sequences, monkeypatch):
+    """On a GPU the layout hands the blocks `PackedSpans` instead of a T×T mask; in fp32 (or
+    without the kernel) each block rebuilds the mask from them: same result as the CPU path."""
+    model = randomize_(ESM(ModelConfig(num_layers=2, embed_dim=64, attention_heads=4)), 3)
+    padded = masked_batch(real_sequences[:4])
+    keep = padded.ne(alphabet.PAD)
+    packed = padded[keep]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
+    expected = model(packed, cu).logits
+    handed = []
+    original = SelfAttention.forward
+
+    def spy(self, x, attend, *args, **kwargs):
+        handed.append(type(attend))
+        return original(self, x, attend, *args, **kwargs)
+
+    monkeypatch.setattr(PackedSpans, "usable", staticmethod(lambda device: True))
+    monkeypatch.setattr(SelfAttention, "forward", spy)
+    got = model(packed, cu).logits
+    assert handed == [PackedSpans, PackedSpans]
+    assert torch.equal(got, expected)

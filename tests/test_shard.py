@@ -316,20 +316,24 @@ def test_manifest_is_written_last(demo_subset, tmp_path):
 
 
 def test_fast_tar_members_equal_tarfile_output(demo_records):
-    from esmdist.data.shard import sample_fasta, tar_end, tar_member
+    from esmdist.data.shard import sample_fasta, tar_end, tar_members
 
     buffer = io.BytesIO()
-    ours = b""
+    names, datas = [], []
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for number, (header, seq) in enumerate(demo_records[:50]):
-            data = sample_fasta([header] * (number % 3 + 1), [seq] * (number % 3 + 1))
+            data = sample_fasta([(header, seq)] * (number % 3 + 1))
             name = f"{number:024x}.fasta"
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o444, 0
             archive.addfile(info, io.BytesIO(data))
-            ours += tar_member(name, data)
+            names.append(name)
+            datas.append(data)
+    ours = tar_members(names, datas)
     ours += tar_end(len(ours))
     assert ours == buffer.getvalue()
+    with pytest.raises(ValueError, match="one length"):
+        tar_members(["a.fasta", "bb.fasta"], [b"", b""])
 
 
 def test_webdataset_reads_the_shards(demo_subset, tmp_path):

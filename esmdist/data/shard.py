@@ -55,6 +55,7 @@ from esmdist.data.fasta import (
     raw_blocks,
 )
 from esmdist.data.spill import SpillWriter, read_partition, remove_writer
+from esmdist.storage import Store
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -149,64 +150,28 @@ def _partition(digest: bytes, partitions: int) -> int:
     return int.from_bytes(digest[8:16], "big") % partitions
 
 
-def split_of(digest: bytes, splits: tuple[tuple[str, float], ...]) -> str:
-    """The split of a group: its hash as a uniform number in [0, 1) against the fractions."""
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    edge = 0.0
-    for name, fraction in splits:
+def split_indices(digests: np.ndarray, splits: tuple[tuple[str, float], ...]) -> np.ndarray:
+    """The split of each group, as an index into `split_names` (0 = train): the first 8 bytes
+    of its hash (`digests`, uint8 [n, 16]) as a uniform number in [0, 1) against the
+    cumulative held-out fractions."""
+    u = digests[:, :8].copy().view(">u8")[:, 0].astype(np.float64) / 2.0**64
+    edges, edge = [], 0.0
+    for _, fraction in splits:
         edge += fraction
-        if u < edge:
-            return name
-    return "train"
+        edges.append(edge)
+    held_out = np.searchsorted(np.array(edges), u, side="right")  # first edge above u
+    return np.where(held_out < len(splits), held_out + 1, 0)
 
 
 def split_names(splits: tuple[tuple[str, float], ...]) -> list[str]:
     return ["train", *(name for name, _ in splits)]
 
 
-# ------------------------------------------------------------------------- output store
-
-
-class Store:
-    """The output location, local or fsspec; files are published whole."""
-
-    def __init__(self, url: str):
-        import fsspec
-
-        self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
-
-    def read_text(self, name: str) -> str:
-        return self.fs.cat_file(self.path(name)).decode()
-
-    def publish(self, local: Path, name: str) -> None:
-        """Move the finished file `local` to `name`, visible only once complete."""
-        target = self.path(name)
-        if self.local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(local, target)
-            except OSError:  # another filesystem: copy beside the target, then rename
-                staged = Path(target + ".partial")
-                shutil.copyfile(local, staged)
-                os.replace(staged, target)
-                local.unlink()
-        else:
-            self.fs.put_file(str(local), target)
-            local.unlink()
-
-    def publish_bytes(self, data: bytes, name: str, work: Path) -> None:
-        staged = work / "tmp" / name.replace("/", "_")
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        staged.write_bytes(data)
-        self.publish(staged, name)
+def _publish_bytes(store: Store, data: bytes, name: str, work: Path) -> None:
+    staged = work / "tmp" / name.replace("/", "_")
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_bytes(data)
+    store.publish(staged, name)
 
 
 # ------------------------------------------------------------------------ stage 1: read
@@ -465,35 +430,57 @@ def _stage2_join(options: ShardOptions, partitions: int, work: str, part: int) -
 # ----------------------------------------------------------------------- stage 3: group
 
 
-def _member_header_template() -> tuple[bytes, int]:
+def _member_header_template() -> bytes:
     """tarfile's own ustar header for our members (mode 0444, mtime 0, root, regular file) with
-    the name, size and checksum fields blanked, and the byte sum of what remains."""
+    the name, size and checksum fields blanked."""
     info = tarfile.TarInfo("")
     info.mode, info.mtime = 0o444, 0
     header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
     header[0:100] = bytes(100)
     header[124:136] = bytes(12)
     header[148:156] = b" " * 8  # the checksum is computed with its own field as blanks
-    return bytes(header), sum(header)
+    return bytes(header)
 
 
-_HEADER, _HEADER_SUM = _member_header_template()
+_HEADER = _member_header_template()
 # tarfile ends an archive with two zero blocks, then pads it to whole 20-block records.
 _RECORD = TAR_BLOCK * tarfile.RECORDSIZE // TAR_BLOCK
 
 
-def tar_member(name: str, data: bytes) -> bytes:
-    """The bytes `tarfile` writes for a regular file `name` holding `data` (header, data,
-    zero padding to 512), built from a template: tarfile's addfile costs ~45 µs a member,
-    which is most of the sharder's time at UniParc's 250M samples. A test holds the two equal."""
-    header = bytearray(_HEADER)
-    encoded = name.encode()
-    header[0 : len(encoded)] = encoded
-    size = b"%011o\0" % len(data)
-    header[124:136] = size
-    checksum = _HEADER_SUM + sum(encoded) + sum(size)
-    header[148:155] = b"%06o\0" % checksum
-    return bytes(header) + data + bytes(-len(data) % TAR_BLOCK)
+def _octal_digits(values: np.ndarray, width: int) -> np.ndarray:
+    """ASCII octal digits of non-negative `values`, zero-padded to `width`: uint8 [n, width]."""
+    shifts = 3 * np.arange(width - 1, -1, -1)
+    return (48 + ((values[:, None] >> shifts) & 7)).astype(np.uint8)
+
+
+def tar_members(names: list[str], datas: list[bytes]) -> bytes:
+    """The bytes `tarfile` writes for regular files `names` (all of one length) holding
+    `datas`: header, data, zero padding to 512 each. Headers come from a template and are
+    filled for all members at once (name, octal size, checksum as array operations): tarfile's
+    addfile costs ~45 µs a member, which at UniParc's 250M samples would dominate. A test holds
+    the two equal."""
+    if not names:
+        return b""
+    encoded = "".join(names).encode()
+    width = len(encoded) // len(names)
+    if width * len(names) != len(encoded) or width > 100:
+        raise ValueError("tar member names must all have one length of at most 100 bytes")
+    sizes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+    headers = np.tile(np.frombuffer(_HEADER, dtype=np.uint8), (len(names), 1))
+    headers[:, :width] = np.frombuffer(encoded, dtype=np.uint8).reshape(-1, width)
+    headers[:, 124:135] = _octal_digits(sizes, 11)
+    headers[:, 135] = 0
+    # The checksum counts its own field as blanks (as the template holds it), then is written
+    # as six octal digits and a NUL, the field's last byte staying a blank.
+    headers[:, 148:154] = _octal_digits(headers.sum(axis=1, dtype=np.int64), 6)
+    headers[:, 154] = 0
+    rows = headers.tobytes()
+    pads = [bytes(n) for n in range(TAR_BLOCK)]
+    return b"".join(
+        piece
+        for i, data in enumerate(datas)
+        for piece in (rows[i * TAR_BLOCK : (i + 1) * TAR_BLOCK], data, pads[-len(data) % TAR_BLOCK])
+    )
 
 
 def tar_end(archive_bytes: int) -> bytes:
@@ -502,10 +489,10 @@ def tar_end(archive_bytes: int) -> bytes:
     return bytes(2 * TAR_BLOCK + (-end % _RECORD))
 
 
-def sample_fasta(ids: list[str], sequences: list[str]) -> bytes:
-    """A sample's content: every member sequence unwrapped, `>id\nSEQ\n` each. One tar member
-    per sample keeps the tar overhead (header and padding) to one per cluster."""
-    return "".join(f">{i}\n{s}\n" for i, s in zip(ids, sequences)).encode()
+def sample_fasta(members: list[tuple]) -> bytes:
+    """A sample's content: every member (id, sequence, …) unwrapped, `>id\nSEQ\n` each. One tar
+    member per sample keeps the tar overhead (header and padding) to one per cluster."""
+    return "".join([f">{member[0]}\n{member[1]}\n" for member in members]).encode()
 
 
 def _run_path(work: Path, part: int, split: str, suffix: str) -> Path:
@@ -513,6 +500,9 @@ def _run_path(work: Path, part: int, split: str, suffix: str) -> Path:
 
 
 def _stage3_group(options: ShardOptions, work: str, part: int) -> dict:
+    """Samples of one partition: grouped, split and ordered by their hash, written as one run
+    per split (tar members, their sizes, index rows). Per-sample work is array operations
+    except building each sample's text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -521,60 +511,62 @@ def _stage3_group(options: ShardOptions, work: str, part: int) -> dict:
     for group, record_id, seq, input_index, number in read_partition(work_path / "spill2", part):
         groups.setdefault(group, []).append((record_id, seq, input_index, number))
     skipped: Counter = Counter()
-    by_split: dict[str, list[tuple]] = {s: [] for s in split_names(options.splits)}
+    samples, clusters = [], []
     for group, members in groups.items():
-        members.sort()
-        if options.dedupe:
-            unique, seen = [], set()
-            for member in members:
-                if member[1] in seen:
-                    skipped["duplicate_sequence"] += 1
-                    continue
-                seen.add(member[1])
-                unique.append(member)
-            members = unique
-        digest = _digest(options.seed, group)
-        cluster = members[0][0] if group.startswith("seq:") else group
-        by_split[split_of(digest, options.splits)].append((digest, cluster, members))
+        if len(members) > 1:
+            members.sort()
+            if options.dedupe:
+                unique, seen = [], set()
+                for member in members:
+                    if member[1] in seen:
+                        skipped["duplicate_sequence"] += 1
+                        continue
+                    seen.add(member[1])
+                    unique.append(member)
+                members = unique
+        samples.append(members)
+        clusters.append(members[0][0] if group.startswith("seq:") else group)
+    raw = b"".join([_digest(options.seed, group) for group in groups])
+    digests = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
+    high = digests[:, :8].copy().view(">u8")[:, 0]
+    low = digests[:, 8:].copy().view(">u8")[:, 0]
+    split_of = split_indices(digests, options.splits)
     (work_path / "runs").mkdir(exist_ok=True)
     counts = {}
-    for split, samples in by_split.items():
-        samples.sort(key=lambda sample: sample[0])
-        keys = [digest.hex()[:24] for digest, _, _ in samples]
+    for number, split in enumerate(split_names(options.splits)):
+        chosen = np.flatnonzero(split_of == number)
+        chosen = chosen[np.lexsort((low[chosen], high[chosen]))]  # by hash, bytewise
+        keys = [raw[16 * i : 16 * i + 12].hex() for i in chosen.tolist()]
         if len(set(keys)) != len(keys):
             raise ShardError("two groups share a 96-bit sample key; rerun with another --seed")
-        blobs, sizes = [], []
-        columns: dict[str, list] = {c: [] for c in ("id", "cluster", "length", "key", "input",
-                                                    "record", "sample")}  # fmt: skip
-        for number, ((_, cluster, members), key) in enumerate(zip(samples, keys)):
-            ids, seqs = [m[0] for m in members], [m[1] for m in members]
-            blob = tar_member(f"{key}.fasta", sample_fasta(ids, seqs))
-            blobs.append(blob)
-            sizes.append((len(blob), sum(map(len, seqs)), len(ids)))
-            columns["id"].extend(ids)
-            columns["cluster"].extend([cluster] * len(ids))
-            columns["length"].extend(map(len, seqs))
-            columns["key"].extend([key] * len(ids))
-            columns["input"].extend(m[2] for m in members)
-            columns["record"].extend(m[3] for m in members)
-            columns["sample"].extend([number] * len(ids))
-        _atomic_write(_run_path(work_path, part, split, "tar"), b"".join(blobs))
+        picked = [samples[i] for i in chosen.tolist()]
+        datas = [sample_fasta(members) for members in picked]
+        members = [member for group in picked for member in group]
+        per_sample = np.fromiter(map(len, picked), dtype=np.int64, count=len(picked))
+        lengths = np.fromiter((len(m[1]) for m in members), dtype=np.int32, count=len(members))
+        owner = np.repeat(np.arange(len(picked), dtype=np.int64), per_sample)
+        blob_bytes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+        blob_bytes = TAR_BLOCK + -(-blob_bytes // TAR_BLOCK) * TAR_BLOCK
+        residues = np.bincount(owner, weights=lengths, minlength=len(picked)).astype(np.int64)
+        _atomic_write(_run_path(work_path, part, split, "tar"),
+                      tar_members([f"{key}.fasta" for key in keys], datas))  # fmt: skip
         buffer = io.BytesIO()
-        np.save(buffer, np.array(sizes, dtype=np.int64).reshape(-1, 3))
+        np.save(buffer, np.stack([blob_bytes, residues, per_sample], axis=1).reshape(-1, 3))
         _atomic_write(_run_path(work_path, part, split, "npy"), buffer.getvalue())
+        take = pa.array(owner)
         table = pa.table({
-            "id": pa.array(columns["id"], pa.string()),
-            "cluster": pa.array(columns["cluster"], pa.string()),
-            "length": pa.array(columns["length"], pa.int32()),
-            "key": pa.array(columns["key"], pa.string()),
-            "input": pa.array(columns["input"], pa.int16()),
-            "record": pa.array(columns["record"], pa.int64()),
-            "sample": pa.array(columns["sample"], pa.int64()),
+            "id": pa.array([m[0] for m in members], pa.string()),
+            "cluster": pa.array([clusters[i] for i in chosen.tolist()], pa.string()).take(take),
+            "length": pa.array(lengths, pa.int32()),
+            "key": pa.array(keys, pa.string()).take(take),
+            "input": pa.array([m[2] for m in members], pa.int16()),
+            "record": pa.array([m[3] for m in members], pa.int64()),
+            "sample": pa.array(owner, pa.int64()),
         })  # fmt: skip
         staged = _run_path(work_path, part, split, "parquet.partial")
         pq.write_table(table, staged)
         os.replace(staged, _run_path(work_path, part, split, "parquet"))
-        counts[split] = len(samples)
+        counts[split] = len(picked)
     return {"skipped": dict(skipped), "samples": counts}
 
 
@@ -697,7 +689,7 @@ def _partition_count(options: ShardOptions) -> int:
 
 def default_work_dir(out: str) -> Path:
     store = Store(out)
-    if store.local:
+    if not store.remote:
         return Path(store.root) / "_work"
     name = hashlib.sha256(out.encode()).hexdigest()[:16]
     return Path(os.environ.get("TMPDIR", "/tmp")) / f"esmdist-shard-{name}"
@@ -717,7 +709,7 @@ def run_sharding(
     store = Store(options.out)
     identity = options.identity()
     if store.exists(MANIFEST):
-        manifest = json.loads(store.read_text(MANIFEST))
+        manifest = json.loads(store.read_bytes(MANIFEST))
         if manifest.get("options") == identity:
             print(f"{options.out}: already sharded with these options", file=sys.stderr)
             return manifest
@@ -763,7 +755,7 @@ def run_sharding(
 
     manifest = _manifest(options, read, joins, groups, rows)
     _write_shard_table(store, rows, work)
-    store.publish_bytes(json.dumps(manifest, indent=1).encode(), MANIFEST, work)
+    _publish_bytes(store, json.dumps(manifest, indent=1).encode(), MANIFEST, work)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -1,24 +1,59 @@
 """Self-attention for ESM models: rotary embeddings and the dispatch between fused and explicit
 attention.
 
-The training path calls `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN /
-memory-efficient kernels on GPU, the flash kernel on CPU) and never materialises the L×L
-probabilities. Sequence boundaries come in as a boolean mask: key padding for padded batches,
-a block-diagonal "same sequence" mask for packed ones. Only `need_weights=True` — the contact
-and attention-map path — computes softmax(QKᵀ) explicitly so it can return it.
+The training path never materialises the L×L probabilities:
+- padded batches: `torch.nn.functional.scaled_dot_product_attention` with a key-padding mask
+  (flash / cuDNN / memory-efficient kernels on GPU, the flash kernel on CPU);
+- packed batches on GPU in bf16/fp16: `torch.nn.attention.varlen.varlen_attn` (flash attention
+  over variable-length sequences given by `cu_seqlens`: no mask, no padding, no T×T work);
+- packed batches elsewhere (CPU, fp32, torch < 2.9): SDPA with a block-diagonal "same sequence"
+  boolean mask — correct everywhere, but quadratic in the packed length T.
+Only `need_weights=True` — the contact and attention-map path — computes softmax(QKᵀ)
+explicitly so it can return it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9
+    varlen_attn = None
+
+VARLEN_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class PackedSpans:
+    """Where the sequences of a packed [1, T] batch start and end (attention stays inside)."""
+
+    cu_seqlens: Tensor
+    """int32 [N+1], cumulative sequence lengths."""
+    max_seqlen: int
+
+    @staticmethod
+    def usable(device: torch.device) -> bool:
+        """Whether the variable-length flash kernel exists for tensors on `device`."""
+        return varlen_attn is not None and device.type == "cuda"
+
+    def same_sequence(self, total: int) -> Tensor:
+        """The equivalent boolean mask [1, 1, T, T], for the paths without the varlen kernel."""
+        lengths = self.cu_seqlens.diff()
+        index = torch.repeat_interleave(
+            torch.arange(len(lengths), device=lengths.device), lengths, output_size=total
+        )
+        return (index[:, None] == index[None, :])[None, None]
+
 
 def rotary_cos_sin(
     positions: Tensor, head_dim: int, base: float = 10000.0
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [B, 1, L, head_dim] (fp32) for integer `positions` [B, L].
+    """cos/sin tables [B, L, 1, head_dim] (fp32) for integer `positions` [B, L].
 
     Same frequencies and layout as fair-esm's RotaryEmbedding (the two halves of the head dim
     share a frequency); computed from explicit positions so that packed sequences restart at 0.
@@ -28,7 +63,7 @@ def rotary_cos_sin(
         ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
     freqs = positions.to(torch.float32)[..., None] * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]
     return angles.cos(), angles.sin()
 
 
@@ -57,24 +92,32 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        attend: Tensor | None,
+        attend: Tensor | PackedSpans | None,
         rotary: tuple[Tensor, Tensor] | None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: [B, L, E]. attend: boolean, broadcastable to [B, H, L, L], True where a query may
-        attend to a key; None means everything attends to everything.
+        """x: [B, L, E]. attend: a boolean mask broadcastable to [B, H, L, L], True where a
+        query may attend to a key; the `PackedSpans` of a packed batch (B = 1); or None,
+        everything attends to everything.
 
         Returns the output [B, L, E] and, with `need_weights`, the probabilities [B, H, L, L].
         """
         batch, length, embed = x.shape
         split = (batch, length, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(split).transpose(1, 2)
-        k = self.k_proj(x).view(split).transpose(1, 2)
-        v = self.v_proj(x).view(split).transpose(1, 2)
+        q = self.q_proj(x).view(split)
+        k = self.k_proj(x).view(split)
+        v = self.v_proj(x).view(split)
         if rotary is not None:
             q = apply_rotary(q, *rotary)
             k = apply_rotary(k, *rotary)
 
+        if isinstance(attend, PackedSpans):
+            if not need_weights and q.dtype in VARLEN_DTYPES and PackedSpans.usable(q.device):
+                spans = (attend.cu_seqlens, attend.cu_seqlens, attend.max_seqlen, attend.max_seqlen)
+                out = varlen_attn(q[0], k[0], v[0], *spans)
+                return self.out_proj(out.reshape(batch, length, embed)), None
+            attend = attend.same_sequence(length)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         weights = None
         if need_weights:
             scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)

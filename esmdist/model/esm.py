@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esmdist import alphabet
-from esmdist.model.attention import SelfAttention, rotary_cos_sin
+from esmdist.model.attention import PackedSpans, SelfAttention, rotary_cos_sin
 from esmdist.model.config import ModelConfig
 from esmdist.model.contacts import ContactHead
 
@@ -59,7 +59,7 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        attend: Tensor | None,
+        attend: Tensor | PackedSpans | None,
         rotary: tuple[Tensor, Tensor] | None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
@@ -92,7 +92,7 @@ class _Layout:
     tokens: Tensor  # [B, L] (packed: B = 1)
     not_pad: Tensor  # [B, L] bool
     positions: Tensor  # [B, L] position of each token within its own sequence
-    attend: Tensor | None  # bool, broadcastable to [B, H, L, L]
+    attend: Tensor | PackedSpans | None  # bool, broadcastable to [B, H, L, L]; or the spans
     mask_ratio: Tensor | None  # [B, L, 1] observed <mask> ratio of each token's sequence
     packed: bool
 
@@ -157,7 +157,9 @@ class ESM(nn.Module):
         positions = torch.arange(len(tokens), device=tokens.device) - cu_seqlens[seq_index]
         if self.config.arch == "esm1b":
             positions = positions + alphabet.PAD + 1
-        attend = (seq_index[:, None] == seq_index[None, :])[None, None]
+        spans = PackedSpans(cu_seqlens.to(torch.int32), int(lengths.max()))
+        # The flash varlen kernel needs no mask; elsewhere build the T×T mask once per batch.
+        attend = spans if PackedSpans.usable(tokens.device) else spans.same_sequence(len(tokens))
         mask_ratio = None
         if is_mask is not None:
             masked = torch.zeros(len(lengths), device=tokens.device).index_add_(

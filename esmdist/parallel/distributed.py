@@ -8,6 +8,7 @@ SLURM_LOCALID and the job's first node. Plain `python` is one process.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -67,14 +68,24 @@ def init_distributed(backend: str) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        comm = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "deepspeed":
-            import deepspeed
+    # FSDP2 needs a process group even for one process (its device mesh would otherwise make a
+    # NCCL-only one, on which the loop's small CPU collectives fail).
+    if (world_size > 1 or backend == "fsdp") and not dist.is_initialized():
+        # On GPUs, tensors on the GPU go through NCCL and the loop's small host-side flags and
+        # counts (stop requests, masked-token counts) through gloo, with no device copies.
+        comm = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        init_method = None
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # plain `python`, no launcher
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                init_method = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        dist.init_process_group(comm, init_method=init_method, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)  # fmt: skip
+    if backend == "deepspeed" and world_size > 1:
+        import deepspeed
 
-            deepspeed.init_distributed(dist_backend=comm)
-        else:
-            dist.init_process_group(comm, device_id=device if device.type == "cuda" else None)
+        # Adopts the process group made above.
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -20,9 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from esmdist.model import ESM, ModelConfig
 
 if TYPE_CHECKING:
-    from esmdist.checkpoint import Store
     from esmdist.config import JobConfig
     from esmdist.parallel.distributed import DistInfo
+    from esmdist.storage import Digests, Store
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "deepspeed"
@@ -79,6 +79,8 @@ class Engine:
     """What to call for the forward pass."""
     module: ESM
     """The underlying ESM (unwrapped; possibly sharded)."""
+    streams_to_object_storage: bool
+    """Whether `save` writes to object storage directly (else only to local directories)."""
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -103,17 +105,27 @@ class Engine:
         """The full fp32 model state on every rank (for tests, export and comparison)."""
         raise NotImplementedError
 
-    def save(self, store: Store, *parts: str) -> None:
-        """Write model and optimizer state, each rank its shard, under `store/parts`."""
+    def state_bytes(self) -> int:
+        """An upper bound of one rank's checkpoint size: fp32 weights and two AdamW moments of
+        every parameter (sharded engines hold less)."""
+        params = self.module.parameters()
+        return 12 * sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+    def save(self, store: Store, *parts: str) -> Digests:
+        """Write model and optimizer state, each rank its shard, under `store/parts`; return
+        the (size, sha256) of the files this rank streamed to object storage, by name."""
         raise NotImplementedError
 
-    def load(self, store: Store, *parts: str, train_state: dict) -> None:
-        """Restore what `save` wrote (and the LR schedule from `train_state`)."""
+    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
+        """Restore what `save` wrote (and the LR schedule from `train_state`), checking every
+        file read against `expected` (COMMITTED's sizes and sha256)."""
         raise NotImplementedError
 
 
 class TorchEngine(Engine):
     """single / ddp / fsdp (FSDP2 `fully_shard` per block, then the root)."""
+
+    streams_to_object_storage = True
 
     def __init__(self, config: JobConfig, model_config: ModelConfig, dist_info: DistInfo):
         backend = config.parallel.backend
@@ -207,21 +219,27 @@ class TorchEngine(Engine):
         model, optim = get_state_dict(self.model, self.optimizer)
         return {"model": model, "optim": optim}
 
-    def save(self, store: Store, *parts: str) -> None:
+    def save(self, store: Store, *parts: str) -> Digests:
         import torch.distributed.checkpoint as dcp
 
         from esmdist.checkpoint import dcp_writer
 
-        dcp.save(self._state(), storage_writer=dcp_writer(store, *parts))
+        writer = dcp_writer(store, *parts)
+        dcp.save(self._state(), storage_writer=writer)
+        return writer.digests
 
-    def load(self, store: Store, *parts: str, train_state: dict) -> None:
+    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from esmdist.checkpoint import dcp_reader
 
         state = self._state()
-        dcp.load(state, storage_reader=dcp_reader(store, *parts))
+        reader = dcp_reader(store, *parts, expected=expected)
+        try:
+            dcp.load(state, storage_reader=reader)
+        finally:
+            reader.close()
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
         self.schedule.load_state_dict(train_state["schedule"])
@@ -232,8 +250,11 @@ class DeepSpeedEngine(Engine):
 
     DeepSpeed accumulates gradients over `gradient_accumulation_steps` micro-batches itself and
     divides each loss by that count; `backward` multiplies it back so the loss normalisation is
-    the loop's (by masked tokens), the same as on the other backends.
+    the loop's (by masked tokens), the same as on the other backends. It writes its checkpoint
+    files itself, to local directories only.
     """
+
+    streams_to_object_storage = False
 
     def __init__(self, config: JobConfig, model_config: ModelConfig, dist_info: DistInfo):
         import deepspeed
@@ -300,20 +321,15 @@ class DeepSpeedEngine(Engine):
                 return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
-    def save(self, store: Store, *parts: str) -> None:
-        from esmdist.checkpoint import local_scratch, remove_scratch
+    def save(self, store: Store, *parts: str) -> Digests:
+        from esmdist.checkpoint import local_path
 
-        if not store.remote:
-            self.model.save_checkpoint(store.path(*parts), tag=DEEPSPEED_TAG)
-            return
-        scratch = local_scratch()
-        try:
-            self.model.save_checkpoint(str(scratch), tag=DEEPSPEED_TAG)
-            store.upload_dir(scratch, *parts)
-        finally:
-            remove_scratch(scratch)
+        self.model.save_checkpoint(local_path(store, *parts), tag=DEEPSPEED_TAG)
+        return {}
 
-    def load(self, store: Store, *parts: str, train_state: dict) -> None:
+    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
+        import torch.distributed as dist
+
         from esmdist.checkpoint import CheckpointError, local_scratch, remove_scratch
 
         saved = train_state["world_size"]
@@ -323,10 +339,26 @@ class DeepSpeedEngine(Engine):
                 f"was saved with ({saved} ranks, now {self.world_size}); resume with {saved} "
                 "ranks, or export it (esmdist export) and start a new run from the weights"
             )
-        scratch = local_scratch()
+        # DeepSpeed reads local files: copy (object storage) or check them in place, verifying
+        # each against COMMITTED; every rank learns every failure before DeepSpeed's collectives.
+        scratch = local_scratch(needed=sum(size for size, _ in expected.values()))
+        problems = []
         try:
-            store.download_dir(scratch, *parts)
-            path, _ = self.model.load_checkpoint(str(scratch), tag=DEEPSPEED_TAG)
+            try:
+                if store.remote:
+                    store.download_dir(scratch, *parts, expected=expected)
+                else:
+                    store.verify_dir(*parts, expected=expected)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+            if dist.is_initialized():
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, problems)
+                problems = sorted({p for part in gathered for p in part})
+            if problems:
+                raise CheckpointError("; ".join(problems))
+            directory = str(scratch) if store.remote else store.path(*parts)
+            path, _ = self.model.load_checkpoint(directory, tag=DEEPSPEED_TAG)
             if path is None:
                 raise CheckpointError(f"{store.url_of(*parts)}: DeepSpeed found no checkpoint")
         finally:

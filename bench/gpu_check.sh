@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU, in one call of the lent device machine (which has
+# torch, triton, pyarrow but nothing from the network; webdataset/braceexpand travel as wheels
+# in .whl/, see docs/PERFORMANCE.md). Results go to $OUT (default out/gpu_check):
+#   1. correctness of the fused paths (bench/gpu_check.py correctness),
+#   2. training-step throughput: padded vs packed-mask vs packed-varlen (… throughput),
+#   3. the main job on one GPU: shard the bundled proteins → train esm2_35M in bf16 with
+#      checkpoints → resume from the checkpoint → evaluate held-out perplexity; then FSDP2
+#      under torchrun resuming the same run; torch.compile'd blocks on the varlen path.
+# Arguments pick sections (default: all): correctness throughput e2e
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu_check}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+logs=/tmp/esmdist-gpu-logs
+mkdir -p "$logs"
+step() {  # name, command...: run, log to $logs/name.txt and $OUT/steps.log, remember a failure
+    local name=$1; shift
+    echo "=== $name: $*" | tee -a "$OUT/steps.log"
+    local start=$SECONDS
+    if ! "$@" > >(tee "$logs/$name.txt") 2>&1; then echo "=== $name FAILED"; status=1; fi
+    sleep 1
+    cat "$logs/$name.txt" >> "$OUT/steps.log"
+    echo "=== $name took $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
+}
+sections=" ${*:-correctness throughput e2e} "
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [[ $sections == *" correctness "* ]]; then
+    step correctness python3 bench/gpu_check.py correctness
+fi
+if [[ $sections == *" throughput "* ]]; then
+    step throughput python3 bench/gpu_check.py throughput --out "$OUT/throughput.json"
+fi
+if [[ $sections != *" e2e "* ]]; then exit $status; fi
+
+work=/tmp/esmdist-gpu
+rm -rf "$work"
+run=(--config configs/debug-cpu.toml --model.size=esm2_35M --train.dtype=bf16
+     --data.path="$work/shards" --data.num_workers=2 --data.max_tokens=16384
+     --data.crop_length=1024 --train.tokens_per_step=16384 --optim.lr=1e-3
+     --optim.warmup_steps=50 --train.valid_every=100 --train.log_every=50
+     --checkpoint.every=100 --train.output_dir="$work/run")
+step shard python3 -m esmdist.cli shard data/demo_4k.fasta --out "$work/shards" \
+    --split valid=0.05 --shard-size 1MB --workers 4
+step train python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+    --train.max_steps=300
+step resume python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+    --train.max_steps=400
+grep -q "resumed from .*step_000000300 at step 300" "$logs/resume.txt" || { echo "no resume"; status=1; }
+step fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 launcher/pretrain.py "${run[@]}" \
+    --parallel.backend=fsdp --train.max_steps=500
+grep -q "resumed from .*step_000000400 at step 400" "$logs/fsdp.txt" || { echo "no fsdp resume"; status=1; }
+step perplexity python3 -m esmdist.cli eval perplexity --model "$work/run/final" \
+    --shards "$work/shards"
+step compile python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+    --train.compile=true --train.max_steps=60 --train.output_dir="$work/compiled"
+cp "$work/run/metrics.jsonl" "$OUT/" 2>/dev/null
+echo "gpu_check: $([ $status = 0 ] && echo all passed || echo FAILURES)"
+exit $status

@@ -1,0 +1,198 @@
+"""Local directories and object storage (s3://…) behind one small interface, for checkpoints
+and the sharder's outputs.
+
+Endpoint, region and credentials come only from the standard AWS environment/config (never
+from esmdist's config files, never logged). Transient errors are retried with exponential
+backoff and jitter; missing files and refused credentials are not (retrying cannot fix them).
+`python -m esmdist.storage upload SCRATCH URL TARGET` is the background uploader the
+checkpointer starts as a low-priority child process (no torch import: it starts in a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+# Object-storage reads are ranged GETs of this size, this many in flight, hashed in order.
+FETCH_CHUNK = 16 << 20
+FETCH_PARALLEL = 4
+Digests = dict[str, tuple[int, str]]
+"""Relative file name → (size, sha256 hex)."""
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good; the message names the operation and the object."""
+
+
+class Store:
+    """A local directory or object-storage prefix through fsspec; every operation retried
+    with backoff and jitter (a persistent failure raises StorageError naming the operation)."""
+
+    def __init__(self, root: str, retries: int = 6):
+        import fsspec
+
+        self.url = root.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.retries = retries
+        self.remote = not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+
+    def retry(self, what: str, action: Callable[[], T]) -> T:
+        delay = 0.5
+        for attempt in range(1, self.retries + 1):
+            try:
+                return action()
+            except (FileNotFoundError, PermissionError):
+                raise
+            except OSError as exc:
+                if attempt == self.retries:
+                    raise StorageError(
+                        f"{what}: failed after {attempt} attempts ({type(exc).__name__}: {exc})"
+                    ) from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
+                self.fs.invalidate_cache()
+        raise AssertionError("unreachable")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def url_of(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        path = self.path(*parts)
+        if not self.remote:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.retry(f"writing {self.url_of(*parts)}", lambda: self.fs.pipe_file(path, data))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.retry(
+            f"reading {self.url_of(*parts)}", lambda: self.fs.cat_file(self.path(*parts))
+        )
+
+    def exists(self, *parts: str) -> bool:
+        return self.retry(
+            f"checking {self.url_of(*parts)}", lambda: self.fs.exists(self.path(*parts))
+        )
+
+    def files(self, *parts: str) -> dict[str, int]:
+        """Relative path → size of every file under a directory."""
+        base = self.path(*parts)
+        found = self.retry(f"listing {self.url_of(*parts)}",
+                           lambda: self.fs.find(base, detail=True))  # fmt: skip
+        return {k[len(base) + 1 :]: int(v["size"]) for k, v in found.items() if v["type"] == "file"}
+
+    def sha256(self, *parts: str) -> str:
+        def digest() -> str:
+            h = hashlib.sha256()
+            with self.fs.open(self.path(*parts), "rb", block_size=8 << 20) as handle:
+                while chunk := handle.read(8 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return self.retry(f"reading {self.url_of(*parts)}", digest)
+
+    def fetch(self, local: Path, size: int, *parts: str) -> str:
+        """Copy one remote file of `size` bytes to `local`, returning its sha256: ranged GETs
+        run in parallel while the bytes are hashed and written in order, so every byte is read
+        from the network once and verification costs no second pass."""
+        path, url = self.path(*parts), self.url_of(*parts)
+        h = hashlib.sha256()
+        local.parent.mkdir(parents=True, exist_ok=True)
+        ranges = deque(
+            (start, min(start + FETCH_CHUNK, size)) for start in range(0, size, FETCH_CHUNK)
+        )
+        with open(local, "wb") as out, ThreadPoolExecutor(FETCH_PARALLEL) as pool:
+
+            def get(start: int, end: int):
+                return pool.submit(self.retry, f"reading {url}",
+                                   lambda: self.fs.cat_file(path, start=start, end=end))  # fmt: skip
+
+            inflight = deque(
+                get(*ranges.popleft()) for _ in range(min(len(ranges), FETCH_PARALLEL))
+            )
+            while inflight:
+                data = inflight.popleft().result()
+                if ranges:
+                    inflight.append(get(*ranges.popleft()))
+                h.update(data)
+                out.write(data)
+        return h.hexdigest()
+
+    def upload_dir(self, local: Path, *parts: str) -> Digests:
+        """Upload every file under `local`; returns their sizes and sha256, hashed from the
+        local copy while the upload runs (no read-back from storage)."""
+        digests: Digests = {}
+        with ThreadPoolExecutor(1) as hasher:
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                name = str(file.relative_to(local))
+                target = self.path(*parts, name)
+                if not self.remote:
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                digest = hasher.submit(file_sha256, file)
+                self.retry(
+                    f"uploading {target}", lambda f=file, t=target: self.fs.put_file(str(f), t)
+                )
+                digests[name] = (file.stat().st_size, digest.result())
+        return digests
+
+    def remove(self, *parts: str) -> None:
+        path = self.path(*parts)
+        self.retry(f"deleting {self.url_of(*parts)}", lambda: self.fs.rm(path, recursive=True))
+
+    def publish(self, local: Path, *parts: str) -> None:
+        """Move the finished local file `local` to `parts`, visible only once complete (a local
+        rename, or an upload: an object appears only when its upload completes)."""
+        target = self.path(*parts)
+        if self.remote:
+            self.retry(f"uploading {self.url_of(*parts)}",
+                       lambda: self.fs.put_file(str(local), target))  # fmt: skip
+            local.unlink()
+            return
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(local, target)
+        except OSError:  # another filesystem: copy beside the target, then rename
+            staged = Path(target + ".partial")
+            shutil.copyfile(local, staged)
+            os.replace(staged, target)
+            local.unlink()
+
+
+def file_sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv: list[str]) -> int:
+    """`upload SCRATCH URL TARGET RETRIES`: upload SCRATCH's files under URL/TARGET at the lowest
+    CPU priority and print their digests as JSON (errors: one line on stderr, exit 1)."""
+    command, scratch, url, target, retries = argv
+    if command != "upload":
+        raise SystemExit(f"unknown command {command!r}")
+    os.nice(19)
+    try:
+        digests = Store(url, int(retries)).upload_dir(Path(scratch), target)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    json.dump(digests, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
