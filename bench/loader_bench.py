@@ -9,7 +9,9 @@ Both run in this one process (a DataLoader worker does exactly this work), in th
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,8 @@ def main() -> None:
 
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="loader-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.dir is None:  # a scratch directory of our own: leave nothing behind
+        atexit.register(shutil.rmtree, scratch, True)
     shards_dir = scratch / "shards"
     if not (shards_dir / "manifest.json").exists():
         fasta = scratch / "bench.fasta.gz"

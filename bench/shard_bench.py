@@ -10,6 +10,7 @@ uncompressed FASTA and the ratios. Record the table in docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="shard-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.dir is None:  # a scratch directory of our own: leave nothing behind
+        atexit.register(shutil.rmtree, scratch, True)
     fasta = scratch / "bench.fasta.gz"
     if not fasta.exists():
         subprocess.run([sys.executable, str(REPO / "bench" / "make_fasta.py"), str(fasta),

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ class CheckpointConfig:
     retries: int = 6
     """Attempts of each storage operation before a save fails."""
     async_upload: bool = True
-    """Object storage: stage shards on node-local disk and upload while training goes on."""
+    """Object storage: stage shards in host memory (or node-local disk) and upload them while
+    training goes on."""
 
 
 def step_name(step: int) -> str:
@@ -527,6 +529,8 @@ def dcp_reader(store: Store, *parts: str, expected: Digests):
     `close()` after loading."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.futures import Future
 
     class VerifiedReader(FileSystemReader):
         def __init__(self):
@@ -561,9 +565,20 @@ def dcp_reader(store: Store, *parts: str, expected: Digests):
             return metadata
 
         def read_data(self, plan, planner):
-            needed = {self.storage_data[item.storage_index].relative_path for item in plan.items}
-            self.verify(sorted(needed))
-            return super().read_data(plan, planner)
+            # File by file: the next files are fetched and hashed while this one is read.
+            by_file: dict[str, list] = {}
+            for item in plan.items:
+                by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
+                    item
+                )
+            with ThreadPoolExecutor(2) as pool:
+                ready = {name: pool.submit(self.verify, [name]) for name in sorted(by_file)}
+                for name, verified in ready.items():
+                    verified.result()
+                    super().read_data(LoadPlan(by_file[name]), planner).wait()
+            done: Future = Future()
+            done.set_result(None)
+            return done
 
         def close(self) -> None:
             if self.scratch:
