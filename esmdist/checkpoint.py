@@ -79,33 +79,32 @@ def step_name(step: int) -> str:
 class CheckpointStore(Store):
     """A checkpoint root: the store plus the listing and verification checkpoints need."""
 
+    def check_file(self, expected: Digests, *parts: str, copy_to: Path | None = None) -> None:
+        """Check one file against `expected` (COMMITTED's entries for its directory), hashing
+        it in place or, with `copy_to`, while fetching it there; CheckpointError names it."""
+        name, url = parts[-1], self.url_of(*parts)
+        if name not in expected:
+            raise CheckpointError(f"{url}: not listed in {COMMITTED}")
+        size, digest = expected[name]
+        if copy_to is None:
+            got = file_sha256(self.path(*parts))
+        else:
+            got = self.fetch(copy_to / name, size, *parts)
+        if got != digest:
+            raise CheckpointError(f"{url}: sha256 differs from {COMMITTED} (corrupted)")
+
     def download_dir(self, local: Path, *parts: str, expected: Digests | None = None) -> None:
         """Copy a remote directory to `local`; with `expected`, check every file against its
         sha256 (taken on the way) and raise CheckpointError naming the first that differs."""
-        for name, size in self.files(*parts).items():
+        for name in self.files(*parts):
+            if expected is not None:
+                self.check_file(expected, *parts, name, copy_to=local)
+                continue
             target = local / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if expected is None:
-                source = self.path(*parts, name)
-                self.retry(f"downloading {source}",
-                           lambda s=source, t=target: self.fs.get_file(s, str(t)))  # fmt: skip
-                continue
-            if name not in expected:
-                raise CheckpointError(f"{self.url_of(*parts, name)}: not listed in {COMMITTED}")
-            if self.fetch(target, size, *parts, name) != expected[name][1]:
-                raise CheckpointError(
-                    f"{self.url_of(*parts, name)}: sha256 differs from {COMMITTED} (corrupted)"
-                )
-
-    def verify_dir(self, *parts: str, expected: Digests) -> None:
-        """Check every file of a local directory against `expected` (sizes and sha256)."""
-        for name in self.files(*parts):
-            if name not in expected:
-                raise CheckpointError(f"{self.url_of(*parts, name)}: not listed in {COMMITTED}")
-            if file_sha256(self.path(*parts, name)) != expected[name][1]:
-                raise CheckpointError(
-                    f"{self.url_of(*parts, name)}: sha256 differs from {COMMITTED} (corrupted)"
-                )
+            source = self.path(*parts, name)
+            self.retry(f"downloading {source}",
+                       lambda s=source, t=target: self.fs.get_file(s, str(t)))  # fmt: skip
 
     def steps(self) -> tuple[list[int], list[int]]:
         """(committed steps, uncommitted steps), ascending."""
@@ -252,7 +251,7 @@ class Checkpointer:
         else:
             written = engine.save(self.store, name, "model_optim")
             known = {f"model_optim/{file}": digest for file, digest in written.items()}
-        self.written: Digests = {}
+        self.written = {}
         if rank == 0:
             for file, text in (
                 ("train_state.json", json.dumps(train_state, indent=1)),
@@ -385,14 +384,19 @@ class Checkpointer:
         if problems:  # every rank lists the same files, so all raise together
             raise CheckpointError("; ".join(problems))
         train_state = verified_json(store, name, "train_state.json", manifest)
-        prefix = "model_optim/"
-        expected = {f[len(prefix) :]: (size, digest) for f, (size, digest) in manifest.items()
-                    if f.startswith(prefix)}  # fmt: skip
+        expected = model_optim_digests(manifest)
         try:
             engine.load(store, name, "model_optim", train_state=train_state, expected=expected)
         except CheckpointException as exc:  # DCP gathers every rank's failure
             raise CheckpointError("; ".join(dcp_failures(exc))) from exc
         return train_state
+
+
+def model_optim_digests(manifest: dict) -> Digests:
+    """COMMITTED's entries for the files under `model_optim/`, by name within it."""
+    prefix = "model_optim/"
+    return {f[len(prefix) :]: (size, digest) for f, (size, digest) in manifest.items()
+            if f.startswith(prefix)}  # fmt: skip
 
 
 def verified_json(store: Store, name: str, file: str, manifest: dict) -> Any:
@@ -539,24 +543,13 @@ def dcp_reader(store: Store, *parts: str, expected: Digests):
             super().__init__(str(self.scratch) if self.scratch else store.path(*parts))
             self.verified: set[str] = set()
 
-        def verify(self, names: list[str]) -> None:
-            for name in names:
-                if name in self.verified:
-                    continue
-                url = store.url_of(*parts, name)
-                if name not in expected:
-                    raise CheckpointError(f"{url}: not listed in {COMMITTED}")
-                size, digest = expected[name]
-                if self.scratch:
-                    got = store.fetch(self.scratch / name, size, *parts, name)
-                else:
-                    got = file_sha256(store.path(*parts, name))
-                if got != digest:
-                    raise CheckpointError(f"{url}: sha256 differs from {COMMITTED} (corrupted)")
+        def verify(self, name: str) -> None:
+            if name not in self.verified:
+                store.check_file(expected, *parts, name, copy_to=self.scratch)
                 self.verified.add(name)
 
         def read_metadata(self, *args, **kwargs):
-            self.verify([".metadata"])
+            self.verify(".metadata")
             with open(Path(self.path) / ".metadata", "rb") as handle:
                 metadata = _MetadataUnpickler(handle, store.url_of(*parts, ".metadata")).load()
             if getattr(metadata, "storage_meta", None) is None:
@@ -572,7 +565,7 @@ def dcp_reader(store: Store, *parts: str, expected: Digests):
                     item
                 )
             with ThreadPoolExecutor(2) as pool:
-                ready = {name: pool.submit(self.verify, [name]) for name in sorted(by_file)}
+                ready = {name: pool.submit(self.verify, name) for name in sorted(by_file)}
                 for name, verified in ready.items():
                     verified.result()
                     super().read_data(LoadPlan(by_file[name]), planner).wait()
@@ -633,9 +626,7 @@ def consolidated_weights(where: str) -> tuple[Any, dict[str, torch.Tensor]]:
     if not STEP_DIR.match(name) or not store.exists(name, COMMITTED):
         raise CheckpointError(f"{url}: not a committed esmdist checkpoint (no {COMMITTED})")
     manifest = json.loads(store.read_bytes(name, COMMITTED))["files"]
-    prefix = "model_optim/"
-    expected = {f[len(prefix) :]: (size, digest) for f, (size, digest) in manifest.items()
-                if f.startswith(prefix)}  # fmt: skip
+    expected = model_optim_digests(manifest)
     from esmdist.config import ModelSpec, build_section
 
     job = verified_json(store, name, "config.json", manifest)

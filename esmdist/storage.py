@@ -95,11 +95,8 @@ class Store:
 
     def sha256(self, *parts: str) -> str:
         def digest() -> str:
-            h = hashlib.sha256()
             with self.fs.open(self.path(*parts), "rb", block_size=8 << 20) as handle:
-                while chunk := handle.read(8 << 20):
-                    h.update(chunk)
-            return h.hexdigest()
+                return stream_sha256(handle)
 
         return self.retry(f"reading {self.url_of(*parts)}", digest)
 
@@ -170,12 +167,16 @@ class Store:
             local.unlink()
 
 
-def file_sha256(path: Path | str) -> str:
+def stream_sha256(handle) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            h.update(chunk)
+    while chunk := handle.read(8 << 20):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    with open(path, "rb") as handle:
+        return stream_sha256(handle)
 
 
 def main(argv: list[str]) -> int:

@@ -150,11 +150,11 @@ def _partition(digest: bytes, partitions: int) -> int:
     return int.from_bytes(digest[8:16], "big") % partitions
 
 
-def split_indices(digests: np.ndarray, splits: tuple[tuple[str, float], ...]) -> np.ndarray:
+def split_indices(high: np.ndarray, splits: tuple[tuple[str, float], ...]) -> np.ndarray:
     """The split of each group, as an index into `split_names` (0 = train): the first 8 bytes
-    of its hash (`digests`, uint8 [n, 16]) as a uniform number in [0, 1) against the
+    of its hash (`high`, big-endian uint64) as a uniform number in [0, 1) against the
     cumulative held-out fractions."""
-    u = digests[:, :8].copy().view(">u8")[:, 0].astype(np.float64) / 2.0**64
+    u = high.astype(np.float64) / 2.0**64
     edges, edge = [], 0.0
     for _, fraction in splits:
         edge += fraction
@@ -530,7 +530,7 @@ def _stage3_group(options: ShardOptions, work: str, part: int) -> dict:
     digests = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
     high = digests[:, :8].copy().view(">u8")[:, 0]
     low = digests[:, 8:].copy().view(">u8")[:, 0]
-    split_of = split_indices(digests, options.splits)
+    split_of = split_indices(high, options.splits)
     (work_path / "runs").mkdir(exist_ok=True)
     counts = {}
     for number, split in enumerate(split_names(options.splits)):

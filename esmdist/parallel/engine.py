@@ -345,10 +345,9 @@ class DeepSpeedEngine(Engine):
         problems = []
         try:
             try:
-                if store.remote:
-                    store.download_dir(scratch, *parts, expected=expected)
-                else:
-                    store.verify_dir(*parts, expected=expected)
+                copy_to = scratch if store.remote else None
+                for name in store.files(*parts):
+                    store.check_file(expected, *parts, name, copy_to=copy_to)
             except CheckpointError as exc:
                 problems.append(str(exc))
             if dist.is_initialized():
