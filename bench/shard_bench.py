@@ -4,7 +4,9 @@
 
 Generates a gzip FASTA from the bundled real sequences (bench/make_fasta.py), times
 `zcat FILE > /dev/null`, then `esmdist shard` with each worker count, and prints MB/s of
-uncompressed FASTA and the ratios. Record the table in docs/PERFORMANCE.md.
+uncompressed FASTA and the ratios: by wall time, and by CPU time (user + system of every
+process the command ran: the per-process cost, whatever the number of processes). Record the
+table in docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -22,10 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(command: list[str], **kw) -> float:
+def timed(command: list[str], **kw) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and all its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, **kw)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -57,13 +64,15 @@ def main() -> None:
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}, input {size / 1e6:,.0f} MB uncompressed "
           f"({fasta.stat().st_size / 1e6:,.0f} MB gz)")  # fmt: skip
-    print("| command | seconds | MB/s (uncompressed) | × zcat | × 1 worker |")
-    print("|---|---:|---:|---:|---:|")
-    one = next((s for name, s in rows if name.endswith("--workers 1")), None)
-    for name, seconds in rows:
-        speed = size / 1e6 / seconds
-        vs_one = f"{one / seconds:.2f}" if one and "shard" in name else ""
-        print(f"| `{name}` | {seconds:.1f} | {speed:,.1f} | {zcat / seconds:.3f} | {vs_one} |")
+    print("| command | seconds | CPU s | MB/s (uncompressed) | × zcat (wall) | × zcat (CPU) "
+          "| × 1 worker |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    one = next((wall for name, (wall, _) in rows if name.endswith("--workers 1")), None)
+    zcat_wall, zcat_cpu = zcat
+    for name, (wall, cpu) in rows:
+        vs_one = f"{one / wall:.2f}" if one and "shard" in name else ""
+        print(f"| `{name}` | {wall:.1f} | {cpu:.1f} | {size / 1e6 / wall:,.1f} | "
+              f"{zcat_wall / wall:.3f} | {zcat_cpu / cpu:.3f} | {vs_one} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -166,3 +166,66 @@ def test_blocks_do_not_split_records(tmp_path, demo_records, monkeypatch):
     records = list(read_fasta(write(tmp_path, text)))
     assert [(r.header, r.sequence) for r in records] == demo_records[:100]
     assert records[-1].number == 100
+
+
+def _both_parsers(path, **policy):
+    """(records and report of parse_block, the same of parse_block_table, blocks taken by
+    the array path) over every block of `path`."""
+    from esmdist.data import fasta
+
+    slow, fast, slow_report, fast_report, regular = [], [], ReadReport(), ReadReport(), 0
+    for block, record, line in fasta.raw_blocks(path):
+        args = (path, block, record, line, policy.get("on_invalid", "error"),
+                policy.get("min_length", 1), policy.get("max_length"))  # fmt: skip
+        if not policy.get("table_only"):
+            slow += [(r.id, r.sequence, r.number) for r in fasta.parse_block(*args, slow_report)]
+        table = fasta.parse_block_table(*args, fast_report)
+        fast += list(zip(*(table[c].to_pylist() for c in fasta.RECORD_COLUMNS), strict=True))
+        regular += fasta._regular_block_table(block, record) is not None
+    return (slow, slow_report.to_dict()), (fast, fast_report.to_dict()), regular
+
+
+@pytest.mark.parametrize(
+    "name", ["mmseqs2_QUERY_uniprot500.fasta", "esm_some_proteins_uniref50.fasta", "demo"]
+)
+def test_array_parser_matches_record_parser_on_real_files(name, tmp_path, monkeypatch):
+    """UniProtKB (sp|/tr| ids), UniRef and the bundled set, cut into many small blocks and
+    length-filtered: the sharder's array parser yields exactly the records, numbers and counts
+    of the per-record parser, and takes every block of these regular files itself."""
+    from esmdist.data import fasta
+    from tests.conftest import DEMO_FASTA
+
+    monkeypatch.setattr(fasta, "BLOCK_BYTES", 1500)
+    path = str(DEMO_FASTA if name == "demo" else TEST_DATA / name)
+    slow, fast, regular = _both_parsers(path, min_length=30, max_length=400)
+    assert fast == slow and len(slow[0]) > 5 and slow[1]["skipped"]
+    blocks = sum(1 for _ in fasta.raw_blocks(path))
+    assert regular == blocks > 2
+
+
+def test_array_parser_hands_irregular_blocks_to_the_record_parser(tmp_path, demo_records):
+    (h1, s1), (h2, s2) = demo_records[:2]
+    odd = [
+        f">{h1}\n{s1.lower()}\n",  # lowercase
+        f">{h1}\r\n{s1}\r\n",  # CRLF
+        f">{h1}\n{s1[:5]} {s1[5:]}\n",  # blank inside a sequence
+        f">{h1}\n{s1}*\n",  # terminal stop
+        f">{h1}\n{s1[:5]}*{s1[5:]}\n",  # internal stop
+        f">{h1}\n{s1}9\n",  # digit
+        f">{h1}\n\n",  # no sequence
+        f">{h1}\tx\n{s1}\n",  # tab in the header
+        f">sp|P1|X_HUMAN desc\n{s1}\n",  # UniProt id (regular: stays on the array path)
+        f">Ünï {h1}\n{s1}\n",  # non-ASCII header
+        f">{h1}\n{s1}",  # no final line end
+    ]
+    for number, text in enumerate(odd):
+        path = write(tmp_path, f">{h2}\n{s2}\n" + text, f"odd{number}.fasta")
+        for policy in ("error", "skip", "map-x"):
+            try:
+                slow, fast, _ = _both_parsers(path, on_invalid=policy)
+            except FastaError as slow_error:  # the record parser runs first on each block
+                with pytest.raises(FastaError) as fast_error:
+                    _both_parsers(path, on_invalid=policy, table_only=True)
+                assert str(fast_error.value) == str(slow_error), (number, policy)
+            else:
+                assert fast == slow, (number, policy)

@@ -316,24 +316,30 @@ def test_manifest_is_written_last(demo_subset, tmp_path):
 
 
 def test_fast_tar_members_equal_tarfile_output(demo_records):
-    from esmdist.data.shard import sample_fasta, tar_end, tar_members
+    import numpy as np
+    import pyarrow as pa
 
+    from esmdist.data.shard import member_fasta, tar_end, tar_members
+
+    records = demo_records[:50]
+    ids = [header.split()[0] for header, _ in records]
+    texts = member_fasta(pa.array(ids), pa.array([seq for _, seq in records])).to_pylist()
+    assert texts[7] == f">{ids[7]}\n{records[7][1]}\n".encode()
+    # multi-member samples, an empty member and one of exactly one tar block
+    datas = [text * (number % 3 + 1) for number, text in enumerate(texts)] + [b"", b"M" * 512]
+    names = [f"{number:024x}.fasta" for number in range(len(datas))]
     buffer = io.BytesIO()
-    names, datas = [], []
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for number, (header, seq) in enumerate(demo_records[:50]):
-            data = sample_fasta([(header, seq)] * (number % 3 + 1))
-            name = f"{number:024x}.fasta"
+        for name, data in zip(names, datas, strict=True):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o444, 0
             archive.addfile(info, io.BytesIO(data))
-            names.append(name)
-            datas.append(data)
-    ours = tar_members(names, datas)
-    ours += tar_end(len(ours))
-    assert ours == buffer.getvalue()
-    with pytest.raises(ValueError, match="one length"):
-        tar_members(["a.fasta", "bb.fasta"], [b"", b""])
+    matrix = np.frombuffer("".join(names).encode(), dtype=np.uint8).reshape(len(names), -1)
+    ours, member_bytes = tar_members(matrix, pa.array(datas, pa.binary()))
+    assert member_bytes.sum() == ours.size
+    assert ours.to_pybytes() + tar_end(ours.size) == buffer.getvalue()
+    with pytest.raises(ValueError, match="at most 100"):
+        tar_members(np.zeros((1, 101), dtype=np.uint8), pa.array([b""]))
 
 
 def test_webdataset_reads_the_shards(demo_subset, tmp_path):
