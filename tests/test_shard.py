@@ -216,6 +216,38 @@ def test_bad_input_leaves_no_manifest(tmp_path):
         run_sharding(options([str(path)], tmp_path / "out4", min_length=5))
 
 
+def test_bad_record_deep_in_a_file_is_named_exactly(tmp_path, demo_records, monkeypatch):
+    """Read workers number records within their block; the error still names the record and
+    line in the file (as the reader does), and the first bad record wins whatever the worker
+    count — also when a later block holds another; the second input restarts the count."""
+    import esmdist.data.fasta as fasta
+
+    monkeypatch.setattr(fasta, "BLOCK_BYTES", 3000)  # the main process cuts: many blocks
+    records = [(h, s) for h, s in demo_records[:400]]
+    records[250] = (records[250][0], records[250][1][:7] + "#" + records[250][1][7:])
+    records[390] = (records[390][0], "MK*VL")
+    first, second = tmp_path / "first.fasta", tmp_path / "second.fasta"
+    first.write_text(fasta_text(demo_records[400:450]))
+    second.write_text("\n\n" + fasta_text(records))  # blank lines on top shift line numbers
+    with pytest.raises(fasta.FastaError) as expected:
+        list(fasta.read_fasta(str(second)))
+    assert "record 251 (line 503)" in str(expected.value)  # 2 blank lines, 2 lines a record
+    for workers in (1, 3):
+        with pytest.raises(ShardError) as raised:
+            run_sharding(options([str(first), str(second)], tmp_path / f"o{workers}"), workers)
+        assert str(raised.value) == str(expected.value)
+    skipped = run_sharding(options([str(first), str(second)], tmp_path / "skip",
+                                   on_invalid="skip"), workers=2)  # fmt: skip
+    assert skipped["counts"]["skipped"] == {"invalid_character": 1, "internal_stop": 1}
+    index = pq.read_table(tmp_path / "skip" / "index").to_pylist()
+    numbers = {(row["input"], row["record"]) for row in index}
+    assert (1, 251) not in numbers and (1, 252) in numbers and (1, 400) in numbers
+    assert numbers == {(0, n) for n in range(1, 51)} | {(1, n) for n in range(1, 401)} - {
+        (1, 251),
+        (1, 391),
+    }
+
+
 def test_long_sequence_is_kept_whole(tmp_path):
     long = "ACDEFGHIKLMNPQRSTVWY" * 5000
     path = tmp_path / "long.fasta"

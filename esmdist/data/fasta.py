@@ -192,12 +192,13 @@ def _isal_error() -> type[Exception]:
     return isal_zlib.error
 
 
-def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int, int]]:
-    """(block, first record number, first line number): the file's bytes cut at record
-    boundaries, each block holding whole records and starting with '>'."""
+def record_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int]]:
+    """(block, lines before it not in any block): the file's bytes cut at record boundaries,
+    each block holding whole records and starting with '>'. Only the first block can follow
+    such lines (blank lines at the top of the file)."""
     with handle or InputFile(path) as handle:
         pending = b""
-        record, line = 1, 1
+        leading = 0
         started = False
         while True:
             chunk = handle.read_decompressed(BLOCK_BYTES)
@@ -209,14 +210,12 @@ def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[byt
                     continue
                 if not stripped:
                     raise FastaError(f"{path}: the input is empty (no FASTA records)")
+                leading = data[: len(data) - len(stripped)].count(b"\n")
                 if not stripped.startswith(b">"):
-                    skipped = len(data) - len(stripped)
-                    at = line + data[:skipped].count(b"\n")
                     raise FastaError(
-                        f"{path}: line {at}: text before the first '>' header "
+                        f"{path}: line {leading + 1}: text before the first '>' header "
                         f"({stripped[:40]!r}); is this a FASTA file?"
                     )
-                line += data[: len(data) - len(stripped)].count(b"\n")
                 data = stripped
                 started = True
             if chunk:
@@ -228,11 +227,25 @@ def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[byt
             else:
                 block, pending = data, b""
             if block:
-                yield block, record, line
-                record += block.count(b"\n>") + 1
-                line += block.count(b"\n")
+                yield block, leading
+                leading = 0
             if not chunk:
                 return
+
+
+def block_counts(block: bytes) -> tuple[int, int]:
+    """(records, lines) in a block from `record_blocks`."""
+    return block.count(b"\n>") + 1, block.count(b"\n")
+
+
+def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """(block, first record number, first line number) for each block of `record_blocks`."""
+    record, line = 1, 1
+    for block, leading in record_blocks(path, handle):
+        line += leading
+        yield block, record, line
+        records, lines = block_counts(block)
+        record, line = record + records, line + lines
 
 
 def parse_block(

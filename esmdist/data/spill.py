@@ -69,7 +69,8 @@ def read_partition(root: Path, partition: int, schema: pa.Schema) -> pa.Table:
     """All rows spilled to `partition`, in no particular order (empty: `schema`, no rows)."""
     tables = [schema.empty_table()]
     for path in sorted((root / f"p{partition:05d}").glob("*.spill")):
-        data = pa.py_buffer(path.read_bytes())
+        with pa.memory_map(str(path)) as source:  # read in place: no copy, no fresh memory
+            data = source.read_buffer()
         offset = 0
         while offset < data.size:
             (length,) = _FRAME.unpack_from(data, offset)
