@@ -344,7 +344,7 @@ def test_manifest_is_written_last(demo_subset, tmp_path):
     run_sharding(options(demo_subset, out))
     newest = max(out.rglob("*"), key=lambda p: p.stat().st_mtime_ns)
     assert newest.name == MANIFEST
-    assert json.loads((out / MANIFEST).read_text())["format_version"] == 1
+    assert json.loads((out / MANIFEST).read_text())["format_version"] == 2
 
 
 def test_fast_tar_members_equal_tarfile_output(demo_records):
@@ -383,3 +383,63 @@ def test_webdataset_reads_the_shards(demo_subset, tmp_path):
     seen = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     index = pq.read_table(out / "index").to_pylist()
     assert sorted(seen) == sorted({r["key"] for r in index})
+
+
+PINNED = [
+    "507082d3e0eda432b4c46f4d44ab5c92",
+    "0b51453ccc40d50bd9efb40cd6581ade",
+    "6f4bce6503fb5ff8dedb0a8c6400c3b3",
+    "bb6267f0dce90f6c57fe9aa999e3269e",
+]
+
+
+def reference_key_hash(seed: int, key: str) -> tuple[int, int]:
+    """shards/README.md's definition of the hash, one key at a time in plain Python."""
+    mask = 2**64 - 1
+
+    def fmix(h):
+        h ^= h >> 33
+        h = (h * 0xFF51AFD7ED558CCD) & mask
+        h ^= h >> 33
+        h = (h * 0xC4CEB9FE1A85EC53) & mask
+        return h ^ (h >> 33)
+
+    data = key.encode()
+    words = [int.from_bytes(data[i : i + 8].ljust(8, b"\0"), "little")
+             for i in range(0, max(len(data), 1), 8)]  # fmt: skip
+    lanes = []
+    for lane in (0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93):
+        h = fmix(fmix((seed & mask) ^ lane) ^ ((len(data) * lane) & mask))
+        for word in words:
+            h = fmix(((h ^ word) * lane) & mask)
+        lanes.append(h)
+    return lanes[0], lanes[1]
+
+
+def test_key_hash_matches_its_definition_and_spreads(demo_records):
+    """The hash decides keys, splits and order: it must be what the format says (a plain
+    Python rendering of shards/README.md), pinned (a change is a new format version), and over
+    the real ids spread like a hash should."""
+    import numpy as np
+    import pyarrow as pa
+
+    from esmdist.data.shard import key_hashes
+
+    edge = ["UPI0000000001", "", "sp|P69905|HBA_HUMAN", "é" * 9]
+    hi, lo = key_hashes(0, pa.array(edge))
+    assert [f"{a:016x}{b:016x}" for a, b in zip(hi.tolist(), lo.tolist(), strict=True)] == PINNED
+    ids = [header.split()[0] for header, _ in demo_records] + edge + ["x" * 1000]
+    for seed in (0, -3, 2**40):
+        hi, lo = key_hashes(seed, pa.array(ids))
+        assert list(zip(hi.tolist(), lo.tolist(), strict=True)) == [
+            reference_key_hash(seed, key) for key in ids
+        ]
+    ids = pa.array([header.split()[0] for header, _ in demo_records])
+    hi, lo = key_hashes(11, ids)
+    chunked = key_hashes(11, pa.chunked_array([ids.slice(0, 100), ids.slice(100)]))
+    assert np.array_equal(chunked[0], hi) and np.array_equal(chunked[1], lo)
+    assert len(set(zip(hi.tolist(), (lo >> np.uint64(32)).tolist()))) == len(set(ids.to_pylist()))
+    uniform = hi / 2.0**64
+    assert abs(uniform.mean() - 0.5) < 0.02 and abs((uniform < 0.1).mean() - 0.1) < 0.02
+    buckets = np.bincount((lo % np.uint64(8)).astype(np.int64), minlength=8)
+    assert buckets.min() > 0.8 * len(ids) / 8

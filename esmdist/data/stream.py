@@ -21,7 +21,8 @@ from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_spec
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
 
 MANIFEST = "manifest.json"
-SUPPORTED_FORMAT = 1
+# Version 1 differed only in how sample keys and splits were hashed (blake2b): same layout.
+SUPPORTED_FORMATS = (1, 2)
 
 
 class DataError(RuntimeError):
@@ -111,10 +112,10 @@ class ShardSet:
                 f"{path}: no {MANIFEST} — not a sharded dataset, or its sharding has not "
                 "finished (run or rerun `esmdist shard`)"
             ) from None
-        if manifest.get("format_version") != SUPPORTED_FORMAT:
+        if manifest.get("format_version") not in SUPPORTED_FORMATS:
             raise DataError(
                 f"{path}: shard format version {manifest.get('format_version')} is not "
-                f"supported (this esmdist reads version {SUPPORTED_FORMAT})"
+                f"supported (this esmdist reads versions {SUPPORTED_FORMATS})"
             )
         with fs.open(f"{root.rstrip('/')}/shards.parquet", "rb") as handle:
             rows = [r for r in pq.read_table(handle).to_pylist() if r["split"] == split]
