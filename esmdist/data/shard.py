@@ -689,32 +689,42 @@ def _binary_array(offsets: np.ndarray, data) -> pa.Array:
 def tar_members(names: np.ndarray, contents: pa.Array) -> tuple[pa.Buffer, np.ndarray]:
     """The bytes `tarfile` writes for regular files named by the rows of `names` (uint8
     [n, width], width ≤ 100) holding `contents` (binary): header, data, zero padding to 512
-    each; and each member's size in the archive. All array operations: headers are filled from
-    a template (name, octal size, checksum), members joined by Arrow (tarfile's addfile costs
-    ~45 µs a member, which at UniParc's 250M samples would dominate). A test holds the two
-    equal."""
+    each; and each member's size in the archive. All array operations: a header is the
+    template's constant runs around three filled fields (name, octal size, checksum), and
+    Arrow joins those pieces with the contents and padding into the archive in one pass
+    (tarfile's addfile costs ~45 µs a member, which at UniParc's 250M samples would dominate).
+    A test holds the two equal."""
     count, width = names.shape
     if width > 100:
         raise ValueError("tar member names must be at most 100 bytes")
     sizes = pc.binary_length(contents).to_numpy(zero_copy_only=False).astype(np.int64)
-    headers = np.empty((count, TAR_BLOCK), dtype=np.uint8)
-    headers[:] = _HEADER
-    headers[:, :width] = names
-    headers[:, 124:135] = _octal_digits(sizes, 11)
-    headers[:, 135] = 0
-    # The checksum counts its own field as blanks (as the template holds it), then is written
-    # as six octal digits and a NUL, the field's last byte staying a blank.
-    checksums = int(_HEADER[136:].sum()) + headers[:, :136].sum(axis=1, dtype=np.int64)
-    headers[:, 148:154] = _octal_digits(checksums, 6)
-    headers[:, 154] = 0
+    size_field = np.zeros((count, 12), dtype=np.uint8)  # 11 octal digits and a NUL
+    size_field[:, :11] = _octal_digits(sizes, 11)
+    # The checksum sums the header with its own field as blanks (as the template holds it),
+    # then is written as six octal digits, a NUL and a blank.
+    checksums = (
+        int(_HEADER[width:124].sum()) + int(_HEADER[136:].sum())
+        + names.sum(axis=1, dtype=np.int64) + size_field.sum(axis=1, dtype=np.int64)
+    )  # fmt: skip
+    checksum_field = np.empty((count, 8), dtype=np.uint8)
+    checksum_field[:, :6] = _octal_digits(checksums, 6)
+    checksum_field[:, 6:] = (0, ord(" "))
     pads = -sizes % TAR_BLOCK
-    zeros = np.zeros(int(pads.sum()), dtype=np.uint8)
+    zeros = np.zeros(int(pads.sum()), dtype=np.uint8)  # calloc: pages that cost nothing
+
+    def rows(matrix: np.ndarray) -> pa.Array:
+        matrix = np.ascontiguousarray(matrix)
+        return _binary_array(np.arange(count + 1, dtype=np.int64) * matrix.shape[1], matrix)
+
+    def constant(start: int, end: int) -> pa.Scalar:
+        return pa.scalar(_HEADER[start:end].tobytes(), pa.large_binary())
+
     joined = pc.binary_join_element_wise(
-        _binary_array(np.arange(count + 1, dtype=np.int64) * TAR_BLOCK, headers),
-        contents.cast(pa.large_binary()),
+        rows(names), constant(width, 124), rows(size_field), constant(136, 148),
+        rows(checksum_field), constant(156, TAR_BLOCK), contents.cast(pa.large_binary()),
         _binary_array(np.concatenate([[0], np.cumsum(pads)]), zeros),
         pa.scalar(b"", pa.large_binary()),
-    )
+    )  # fmt: skip
     data = joined.buffers()[2] if count else pa.py_buffer(b"")
     return data, TAR_BLOCK + sizes + pads
 
@@ -1025,24 +1035,58 @@ def run_sharding(
 
 
 def _stages_2_to_4(options: ShardOptions, partitions: int, work: Path, workers: int):
-    """(shard rows, join results, group results), each stage resuming where a crash left it."""
+    """(shard rows, join results, group results), each stage resuming where a crash left it.
+    What a finished step leaves behind that no later step reads (a partition's spill once it is
+    grouped, a run once every shard cut from it is written) is deleted at once: most of it then
+    never reaches the disk, and the work directory peaks lower."""
+    spill1 = [work / "spill1" / kind for kind in ("records", "members")]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         joins = []
         if _grouped(options):  # else a record's id partition is already its group partition
             joins = _resumable_stage(pool, work / "stage2", "join", range(partitions),
                                      lambda p: pool.submit(_stage2_join, options, partitions,
                                                            str(work), p),
-                                     lambda p: remove_writer(work / "spill2", f"j{p}"))  # fmt: skip
+                                     lambda p: remove_writer(work / "spill2", f"j{p}"),
+                                     lambda p, _: _remove_partition(spill1, p))  # fmt: skip
+        grouped_from = [work / "spill2"] if _grouped(options) else spill1
         groups = _resumable_stage(pool, work / "stage3", "group", range(partitions),
-                                  lambda p: pool.submit(_stage3_group, options, str(work), p))  # fmt: skip
-        plans = {p.name: p for p in _plan_shards(options, partitions, work)}
+                                  lambda p: pool.submit(_stage3_group, options, str(work), p),
+                                  done=lambda p, _: _remove_partition(grouped_from, p))  # fmt: skip
+        plans = {plan.name: plan for plan in _shard_plans(options, partitions, work)}
+        readers = Counter((part, plan.split) for plan in plans.values()
+                          for part, _, _ in plan.pieces)  # fmt: skip
         progress = _Progress("shards")
+
+        def shard_done(name: str, row: dict) -> None:
+            progress.update(records=row["samples"])
+            for part, _, _ in plans[name].pieces:
+                readers[part, plans[name].split] -= 1
+                if readers[part, plans[name].split] == 0:
+                    for path in work.glob(f"runs/q{part:05d}.{plans[name].split}.*"):
+                        path.unlink()
+
         rows = _resumable_stage(pool, work / "done", "shard", list(plans),
                                 lambda name: pool.submit(_stage4_write, options, str(work),
                                                          plans[name]),
-                                on_result=lambda row: progress.update(records=row["samples"]))  # fmt: skip
+                                done=shard_done)  # fmt: skip
         progress.finish()
     return rows, joins, groups
+
+
+def _remove_partition(roots: list[Path], part: int) -> None:
+    for root in roots:
+        shutil.rmtree(root / f"p{part:05d}", ignore_errors=True)
+
+
+def _shard_plans(options: ShardOptions, partitions: int, work: Path) -> list[ShardPlan]:
+    """The shard plan, made once and kept: on a resume, runs of finished shards are gone."""
+    saved = _json(work / "shards.json")
+    if saved is None:
+        plans = _plan_shards(options, partitions, work)
+        _atomic_write(work / "shards.json", json.dumps([asdict(plan) for plan in plans]).encode())
+        return plans
+    return [ShardPlan(plan["name"], plan["split"], [tuple(piece) for piece in plan["pieces"]])
+            for plan in saved]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -1069,9 +1113,10 @@ def _worker_environment() -> Iterator[None]:
 
 
 def _resumable_stage(
-    pool, folder: Path, label, parts, submit, before=None, on_result=None
+    pool, folder: Path, label, parts, submit, before=None, done=None
 ) -> list[dict]:
-    """Run `submit(part)` for every part without a result file; return all results in order."""
+    """Run `submit(part)` for every part without a result file; return all results in order.
+    `done(part, result)` runs once a part's result is on disk."""
     folder.mkdir(parents=True, exist_ok=True)
     futures = {}
     for part in parts:
@@ -1083,8 +1128,8 @@ def _resumable_stage(
         for part, future in futures.items():
             result = future.result()
             _atomic_write(folder / f"{part}.json", json.dumps(result).encode())
-            if on_result is not None:
-                on_result(result)
+            if done is not None:
+                done(part, result)
     except FastaError as exc:
         raise ShardError(str(exc)) from None
     except Exception as exc:
