@@ -76,6 +76,9 @@ PARTITION_TARGET_BYTES = 128 << 20
 MAX_PARTITIONS = 512
 # A tar member is a 512-byte header plus its data padded to 512 bytes.
 TAR_BLOCK = 512
+# Room in a shared block buffer beyond BLOCK_BYTES for the record cut off the previous block;
+# a larger block (one record longer than that) travels pickled instead.
+SLOT_SLACK = 1 << 20
 
 
 class ShardError(RuntimeError):
@@ -263,6 +266,9 @@ class _ReadTask:
     block: bytes
     number: int
     """FASTA: the block's number among all inputs' blocks; members: its first line number."""
+    slot: int | None = None
+    """Where the block is instead (`block` then empty): this shared buffer's first `size` bytes."""
+    size: int = 0
 
 
 def _stage1_worker(
@@ -270,6 +276,7 @@ def _stage1_worker(
     options: ShardOptions,
     partitions: int,
     spill_root: str,
+    slots: list,
     tasks: mp.Queue,
     results: mp.Queue,
 ) -> None:
@@ -279,12 +286,14 @@ def _stage1_worker(
         while (task := tasks.get()) is not None:
             report = ReadReport()
             lengths = Counter()
+            if task.slot is not None:
+                task.block = bytes(memoryview(slots[task.slot]).cast("B")[: task.size])
             if task.kind == "members":
                 table = _membership_table(task.path, task.block, task.number)
                 hi, lo = key_hashes(options.seed, table["member"])
                 table = table.append_column("hi", pa.array(hi)).append_column("lo", pa.array(lo))
                 members.add(lo % partitions, table)
-                results.put(("block", (None, len(task.block), 0, 0, report, lengths)))
+                results.put(("block", (None, len(task.block), 0, 0, report, lengths, None)))
                 continue
             try:
                 table = parse_block_table(
@@ -292,7 +301,7 @@ def _stage1_worker(
                     options.on_invalid, options.min_length, options.max_length, report,
                 )  # fmt: skip
             except FastaError:  # numbered within the block: the main process says it right
-                results.put(("reparse", (task.number, task.block)))
+                results.put(("reparse", (task.number, task.block, task.slot)))
                 continue
             hi, lo = key_hashes(options.seed, table["id"])
             count = len(table)
@@ -311,7 +320,7 @@ def _stage1_worker(
             records_in_block = report.records + sum(report.skipped.values())
             lines = task.block.count(b"\n")
             results.put(("block", (task.number, len(task.block), records_in_block, lines,
-                                   report, lengths)))  # fmt: skip
+                                   report, lengths, task.slot)))  # fmt: skip
         records.close()
         members.close()
         results.put(("done", number))
@@ -429,10 +438,14 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
     context = mp.get_context("spawn")
     tasks: mp.Queue = context.Queue(maxsize=2 * workers)
     results: mp.Queue = context.Queue()
+    # Blocks travel in shared buffers, not pickled through the task pipe (that cost the main
+    # process — the stage's one serial part — as much as decompressing them).
+    slots = [context.RawArray("B", BLOCK_BYTES + SLOT_SLACK) for _ in range(2 * workers + 2)]
+    free = list(range(len(slots)))
     procs = [
         context.Process(
             target=_stage1_worker,
-            args=(i, options, partitions, str(spill), tasks, results),
+            args=(i, options, partitions, str(spill), slots, tasks, results),
             daemon=True,
         )
         for i in range(workers)
@@ -467,8 +480,10 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
                 finished += 1
             elif kind == "reparse":
                 failed[value[0]] = value[1]
+                free.extend([] if value[2] is None else [value[2]])
             else:
-                block, nbytes, records, lines, block_report, block_lengths = value
+                block, nbytes, records, lines, block_report, block_lengths, slot = value
+                free.extend([] if slot is None else [slot])
                 if block is not None:
                     counted[block] = (records, lines)
                 report.merge(block_report)
@@ -476,6 +491,12 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
                 progress.update(nbytes, block_report.records)
 
     def submit(task: _ReadTask | None) -> None:
+        if task is not None and task.kind == "fasta" and len(task.block) <= len(slots[0]):
+            while not free:
+                drain(0.05)
+            task.slot, task.size = free.pop(), len(task.block)
+            memoryview(slots[task.slot]).cast("B")[: task.size] = task.block
+            task.block = b""
         while True:
             drain(0.0)
             if failed and task is not None:
