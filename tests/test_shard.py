@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -246,6 +247,36 @@ def test_bad_record_deep_in_a_file_is_named_exactly(tmp_path, demo_records, monk
         (1, 251),
         (1, 391),
     }
+
+
+def test_workers_reading_whole_inputs_write_the_same_bytes(demo_records, tmp_path):
+    """With three or more inputs and workers, each worker decompresses and parses whole inputs
+    (UniParc's part files in parallel); one worker gets blocks cut by the main process. Same
+    bytes, the same counts, and a bad record is named with the same record and line."""
+    from esmdist.data.shard import _reads_whole_inputs
+
+    inputs = []
+    for number, (start, end) in enumerate([(0, 300), (300, 500), (500, 520), (520, 900)]):
+        path = tmp_path / f"part{number}.fasta.gz"
+        path.write_bytes(gzip.compress(fasta_text(demo_records[start:end]).encode()))
+        inputs.append(str(path))
+    assert _reads_whole_inputs(options(inputs, "x"), 3)
+    assert not _reads_whole_inputs(options(inputs, "x"), 1)
+    one = run_sharding(options(inputs, tmp_path / "w1"), workers=1)
+    three = run_sharding(options(inputs, tmp_path / "w3"), workers=3)
+    assert file_digests(tmp_path / "w1") == file_digests(tmp_path / "w3")
+    assert one == three and one["counts"]["sequences"] == 900
+    assert [entry["path"] for entry in three["inputs"]] == inputs
+
+    broken = [(h, s) for h, s in demo_records[520:900]]
+    broken[99] = (broken[99][0], "MKV1L")
+    (tmp_path / "part3.fasta.gz").write_bytes(gzip.compress(fasta_text(broken).encode()))
+    messages = set()
+    for workers in (1, 3):
+        with pytest.raises(ShardError) as raised:
+            run_sharding(options(inputs, tmp_path / f"bad{workers}"), workers=workers)
+        messages.add(str(raised.value))
+    assert len(messages) == 1 and "part3.fasta.gz: record 100 (line 199)" in messages.pop()
 
 
 def test_long_sequence_is_kept_whole(tmp_path):
