@@ -45,7 +45,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -1207,9 +1207,11 @@ def _resumable_stage(
             if before is not None:
                 before(part)
             futures[part] = submit(part)
+    parts_of = {future: part for part, future in futures.items()}
     try:
-        for part, future in futures.items():
-            result = future.result()
+        # As each finishes, not in order: a part done but not yet recorded is redone on resume.
+        for future in as_completed(parts_of):
+            part, result = parts_of[future], future.result()
             _atomic_write(folder / f"{part}.json", json.dumps(result).encode())
             if done is not None:
                 done(part, result)
