@@ -233,19 +233,13 @@ def record_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[
                 return
 
 
-def block_counts(block: bytes) -> tuple[int, int]:
-    """(records, lines) in a block from `record_blocks`."""
-    return block.count(b"\n>") + 1, block.count(b"\n")
-
-
 def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int, int]]:
     """(block, first record number, first line number) for each block of `record_blocks`."""
     record, line = 1, 1
     for block, leading in record_blocks(path, handle):
         line += leading
         yield block, record, line
-        records, lines = block_counts(block)
-        record, line = record + records, line + lines
+        record, line = record + block.count(b"\n>") + 1, line + block.count(b"\n")
 
 
 def parse_block(
@@ -375,15 +369,12 @@ def parse_block_table(
             }
         )
     lengths = pc.binary_length(table.column("sequence")).to_numpy()
-    keep = lengths >= min_length
-    report.skipped["too_short"] += int(len(keep) - keep.sum())
-    if max_length is not None:
-        short_enough = lengths <= max_length
-        report.skipped["too_long"] += int((keep & ~short_enough).sum())
-        keep &= short_enough
-    for reason in ("too_short", "too_long"):
-        if not report.skipped[reason]:
-            del report.skipped[reason]
+    too_short = lengths < min_length
+    too_long = ~too_short & (lengths > max_length if max_length is not None else False)
+    for reason, dropped in (("too_short", too_short), ("too_long", too_long)):
+        if dropped.any():
+            report.skipped[reason] += int(dropped.sum())
+    keep = ~(too_short | too_long)
     if not keep.all():
         table = table.filter(pa.array(keep))
         lengths = lengths[keep]

@@ -339,13 +339,8 @@ def _stage1_worker(
                         line += leading
                         counted = spill_block(task, block, index, leading)
                         if counted is None:
-                            try:  # the bad record, worded with its true numbers
-                                for _ in parse_block(task.path, block, record, line,
-                                                     options.on_invalid, options.min_length,
-                                                     options.max_length):  # fmt: skip
-                                    pass
-                            except FastaError as exc:
-                                results.put(("bad", ((task.input_index, index), str(exc))))
+                            message = _bad_block_message(options, task.path, block, record, line)
+                            results.put(("bad", ((task.input_index, index), message)))
                             break
                         record, line = record + counted[1], line + counted[2]
                     else:
@@ -390,6 +385,25 @@ def _membership_table(path: str, block: bytes, first_line: int) -> pa.Table:
 
 class _BadBlock(Exception):
     """A read worker met a bad record: stop reading, then report the first one exactly."""
+
+
+def _bad_block_message(options: ShardOptions, path: str, block: bytes, record: int,
+                       line: int) -> str:  # fmt: skip
+    """The error of a block a read worker could not parse (its records numbered from 1),
+    worded by the per-record parser with the block's true first record and line."""
+    try:
+        for _ in parse_block(path, block, record, line, options.on_invalid, options.min_length,
+                             options.max_length):  # fmt: skip
+            pass
+    except FastaError as exc:
+        return str(exc)
+    return f"{path}: record {record} (line {line}) and after: a read worker failed on this block"
+
+
+def _in_input_order(records: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """`rows` of `records` sorted by (input, record number)."""
+    inputs, numbers = records["input"].to_numpy()[rows], records["record"].to_numpy()[rows]
+    return rows[np.lexsort((numbers, inputs))]
 
 
 def _reads_whole_inputs(options: ShardOptions, workers: int) -> bool:
@@ -582,14 +596,8 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
                 proc.kill()
             proc.join()
     starts = _block_starts(counted)
-    for block, data in unread.items():  # parsed again with the block's true numbers
-        path = options.inputs[block[0]]
-        try:
-            for _ in parse_block(path, data, *starts[block], options.on_invalid,
-                                 options.min_length, options.max_length):  # fmt: skip
-                pass
-        except FastaError as exc:
-            bad[block] = str(exc)
+    for block, data in unread.items():
+        bad[block] = _bad_block_message(options, options.inputs[block[0]], data, *starts[block])
     if bad:  # the first bad block in input order among those read
         raise ShardError(bad[min(bad)])
     elapsed = progress.finish()
@@ -629,10 +637,7 @@ def _unique_ids(options: ShardOptions, records: pa.Table) -> tuple[pa.Table, Cou
     skipped: Counter = Counter()
     if repeat.any():
         # Rare: only rows whose id hash repeats are looked at one by one, in input order.
-        rows = np.union1d(by_hash[1:][repeat], by_hash[:-1][repeat])
-        inputs = records["input"].to_numpy()[rows]
-        numbers = records["record"].to_numpy()[rows]
-        rows = rows[np.lexsort((numbers, inputs))]
+        rows = _in_input_order(records, np.union1d(by_hash[1:][repeat], by_hash[:-1][repeat]))
         ids = records["id"].take(pa.array(rows)).to_pylist()
         sequences = records["sequence"].take(pa.array(rows)).to_pylist()
         where = [f"{options.inputs[i]}: record {n}"
@@ -696,9 +701,7 @@ def _stage2_join(options: ShardOptions, partitions: int, work: str, part: int) -
         groups = _cluster_of(options, members, records)
         missing = groups.is_null().to_numpy(zero_copy_only=False)
         if missing.any():
-            lost = np.flatnonzero(missing)
-            inputs, numbers = records["input"].to_numpy()[lost], records["record"].to_numpy()[lost]
-            row = int(lost[np.lexsort((numbers, inputs))[0]])  # the first in input order
+            row = int(_in_input_order(records, np.flatnonzero(missing))[0])
             if options.on_missing_member == "error":
                 raise ShardError(
                     f"{options.inputs[records['input'][row].as_py()]}: record "
