@@ -103,12 +103,12 @@ def main() -> None:
         raw_bytes = blob.stat().st_size
 
         checkpointer = Checkpointer(CheckpointConfig(), "s3://bench/run")
-        train_state = {"step": 1, "schedule": engine.schedule.state_dict(), "world_size": 1}
+        train_state = {"step": 1, "world_size": 1}
         start = time.perf_counter()
         checkpointer.save(1, engine, train_state, {})
         save = time.perf_counter() - start
         start = time.perf_counter()
-        checkpointer.load("step_000000001", engine)
+        checkpointer.load(checkpointer.open("step_000000001"), engine)
         load = time.perf_counter() - start
 
         quiet = [step() for _ in range(args.steps)]

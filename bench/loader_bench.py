@@ -1,5 +1,7 @@
 """Data-loader throughput per worker process: tokens/s delivered as finished packed, masked
-batches, against a plain `webdataset.WebDataset(urls).decode()` loop over the same shards.
+batches, against a plain `webdataset.WebDataset(urls).decode()` loop over the same shards; and
+the same batches without the shard checks (size and sha256 against shards.parquet), to show
+what verifying every shard as it is read costs.
 
     python bench/loader_bench.py [--mb 128] [--max-tokens 16384]
 
@@ -31,7 +33,7 @@ def main() -> None:
     import webdataset as wds
 
     from esmdist.data.order import OrderState
-    from esmdist.data.stream import DataConfig, ShardSet, slot_batches
+    from esmdist.data.stream import DataConfig, ShardCheck, ShardSet, slot_batches
 
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="loader-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -55,12 +57,19 @@ def main() -> None:
     baseline = time.perf_counter() - start
 
     config = DataConfig(path=str(shards_dir), max_tokens=args.max_tokens, num_workers=0)
-    start = time.perf_counter()
-    tokens = batches = 0
-    for item in slot_batches(shards, config, OrderState.fresh(0, 1), 0, epochs=1):
-        tokens += item.batch.num_tokens
-        batches += 1
-    ours = time.perf_counter() - start
+    unchecked = ShardSet(shards.urls, shards.sizes, shards.split,
+                         [ShardCheck(c.samples) for c in shards.checks])  # fmt: skip
+
+    def packed(shard_set) -> tuple[float, int, int]:
+        start = time.perf_counter()
+        tokens = batches = 0
+        for item in slot_batches(shard_set, config, OrderState.fresh(0, 1), 0, epochs=1):
+            tokens += item.batch.num_tokens
+            batches += 1
+        return time.perf_counter() - start, tokens, batches
+
+    ours, tokens, batches = packed(shards)
+    plain, _, _ = packed(unchecked)
 
     print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}, "
           f"{len(shards.urls)} shards, {shards.total:,} samples, one process")  # fmt: skip
@@ -70,7 +79,10 @@ def main() -> None:
           f"{baseline_tokens / baseline:,.0f} | 1.00 |")  # fmt: skip
     print(f"| esmdist packed+masked batches (crop 1024, {args.max_tokens} tokens) | {ours:.2f} | "
           f"{tokens:,} | {tokens / ours:,.0f} | {(tokens / ours) / (baseline_tokens / baseline):.2f} |")  # fmt: skip
-    print(f"({batches:,} batches)")
+    print(f"| the same without the size/sha256 shard checks | {plain:.2f} | {tokens:,} | "
+          f"{tokens / plain:,.0f} | {(tokens / plain) / (baseline_tokens / baseline):.2f} |")  # fmt: skip
+    print(f"({batches:,} batches; the shard checks cost {100 * (ours - plain) / plain:+.1f}% of "
+          "the loader's time)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from esmdist.model.config import MODEL_SIZES
 def _load_model_source(source: str):
     """(config, state dict) from an esmdist checkpoint (`…/step_NNNNNNNNN`, local or s3://),
     a fair-esm `.pt` file or a Hugging Face model directory."""
-    from esmdist.checkpoint import STEP_DIR, consolidated_weights
+    from esmdist.checkpoint import STEP_DIR
+    from esmdist.export import consolidated_weights
     from esmdist.model import convert
 
     if STEP_DIR.match(source.rstrip("/").rsplit("/", 1)[-1]):
@@ -64,7 +65,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         on_invalid=args.on_invalid,
         on_missing_member=args.on_missing_member,
         dedupe=args.dedupe,
-        shard_bytes=None if args.shard_samples else parse_size(args.shard_size),
+        shard_bytes=None if args.shard_samples is not None else parse_size(args.shard_size),
         shard_samples=args.shard_samples,
     )
     work_dir = Path(args.work_dir) if args.work_dir else None
@@ -110,7 +111,7 @@ def _cmd_eval_pppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from esmdist.data.stream import DataConfig, ShardSet, read_shard, validation_batches
+    from esmdist.data.stream import DataConfig, ShardSet, validation_batches
     from esmdist.eval.perplexity import masked_perplexity, unigram_perplexity
 
     model = _load_model(args.model, args.seed)
@@ -121,8 +122,8 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     ppl, count = masked_perplexity(model, validation_batches(held_out, config))
 
     def sequences(shards: ShardSet):
-        for url, size in zip(shards.urls, shards.sizes):
-            for _, seqs in read_shard(url, size):
+        for shard in range(len(shards.urls)):
+            for _, seqs in shards.read(shard):
                 yield from seqs
 
     baseline = unigram_perplexity(sequences(train), sequences(held_out))

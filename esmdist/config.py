@@ -9,6 +9,7 @@ resolved config is printed at start and saved with every checkpoint (`to_dict`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -44,6 +45,16 @@ class ModelSpec:
         return ModelConfig.from_dict({**base, **changed})
 
 
+def _check_range(section: str, key: str, value: float, low: float, high: float = math.inf,
+                 low_open: bool = False) -> None:  # fmt: skip
+    """ValueError naming `section.key` unless low ≤ value ≤ high (low < value if `low_open`)."""
+    if value < low or value > high or (low_open and value == low):
+        bound = f"above {low}" if low_open else f"at least {low}"
+        if high != math.inf:
+            bound = f"in {'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{section}.{key} must be {bound}, got {value}")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 4e-4
@@ -56,6 +67,16 @@ class OptimConfig:
     """Linear decay after warm-up down to this fraction of the peak at train.max_steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check_range("optim", "lr", self.lr, 0.0, low_open=True)
+        for beta in self.betas:
+            _check_range("optim", "betas", beta, 0.0, 0.999999)
+        _check_range("optim", "eps", self.eps, 0.0, low_open=True)
+        _check_range("optim", "weight_decay", self.weight_decay, 0.0)
+        _check_range("optim", "warmup_steps", self.warmup_steps, 0)
+        _check_range("optim", "final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
+        _check_range("optim", "grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,13 @@ class TrainConfig:
     output_dir: str = "out/run"
     """Local directory for metrics.jsonl, the resolved config and wandb's offline files."""
 
+    def __post_init__(self) -> None:
+        for key, low in (("max_steps", 1), ("tokens_per_step", 1), ("seed", 0), ("log_every", 1),
+                         ("valid_every", 0), ("max_bad_steps", 1)):  # fmt: skip
+            _check_range("train", key, getattr(self, key), low)
+        if not self.output_dir:
+            raise ValueError("train.output_dir must not be empty")
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -89,6 +117,11 @@ class ParallelConfig:
     fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check_range("parallel", "peak_tflops", self.peak_tflops, 0.0)
 
 
 @dataclass(frozen=True)
@@ -124,8 +157,6 @@ class JobConfig:
             raise ValueError(
                 "parallel.backend 'single' runs one process; use ddp, fsdp or deepspeed"
             )
-        if self.parallel.backend == "deepspeed" and self.parallel.zero_stage not in (1, 2, 3):
-            raise ValueError("parallel.zero_stage must be 1, 2 or 3")
         if self.optim.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
             raise ValueError("optim.warmup_steps must be below train.max_steps")
 
@@ -164,12 +195,17 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return value
         raise ValueError(f"{key}: expected true or false, got {value!r}")
     if kind in (int, float, str):
+        if kind is not str and isinstance(value, bool):
+            raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         try:
-            return kind(value)
-        except (TypeError, ValueError):
+            coerced = kind(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        if kind is float and not math.isfinite(coerced):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return coerced
     raise TypeError(f"{key}: unsupported config type {kind}")
 
 

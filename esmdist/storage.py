@@ -4,12 +4,14 @@ and the sharder's outputs.
 Endpoint, region and credentials come only from the standard AWS environment/config (never
 from esmdist's config files, never logged). Transient errors are retried with exponential
 backoff and jitter; missing files and refused credentials are not (retrying cannot fix them).
-`python -m esmdist.storage upload SCRATCH URL TARGET` is the background uploader the
-checkpointer starts as a low-priority child process (no torch import: it starts in a second).
+`python -m esmdist.storage upload SCRATCH URL TARGET RETRIES PARENT` is the background uploader
+the checkpointer starts as a low-priority child process (no torch import: it starts in a
+second); it exits, removing SCRATCH, when its parent does.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,10 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from esmdist.process import exit_with_parent
+
 T = TypeVar("T")
 # Object-storage reads are ranged GETs of this size, this many in flight, hashed in order.
 FETCH_CHUNK = 16 << 20
 FETCH_PARALLEL = 4
+# Local filesystem errors no retry can fix: fail at once, naming the file.
+PERMANENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                    errno.ENAMETOOLONG}  # fmt: skip
 Digests = dict[str, tuple[int, str]]
 """Relative file name → (size, sha256 hex)."""
 
@@ -52,17 +59,49 @@ class Store:
         for attempt in range(1, self.retries + 1):
             try:
                 return action()
-            except (FileNotFoundError, PermissionError):
+            except FileNotFoundError:
                 raise
+            except PermissionError as exc:  # retrying cannot fix refused access
+                raise StorageError(f"{what}: access denied ({exc}); {self.access_hint}") from None
             except OSError as exc:
-                if attempt == self.retries:
+                if exc.errno in PERMANENT_ERRORS or attempt == self.retries:
+                    tries = "" if exc.errno in PERMANENT_ERRORS else f" after {attempt} attempts"
                     raise StorageError(
-                        f"{what}: failed after {attempt} attempts ({type(exc).__name__}: {exc})"
+                        f"{what}: failed{tries} ({type(exc).__name__}: {exc})"
                     ) from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
                 self.fs.invalidate_cache()
         raise AssertionError("unreachable")
+
+    @property
+    def access_hint(self) -> str:
+        if self.remote:
+            return ("check the credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE)")  # fmt: skip
+        return "check the directory's permissions"
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe object under the root, so that a read-only
+        directory, refused credentials or a missing bucket fail before any work is done."""
+        probe = f".esmdist-write-test-{os.getpid()}-{random.getrandbits(32):08x}"
+        what = f"writing to {self.url}"
+        try:
+            self.write_bytes(b"esmdist write test\n", probe)
+            self.remove(probe)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{what}: {exc} (does the bucket exist?)") from None
+        except OSError as exc:
+            raise StorageError(f"{what}: {exc.strerror or exc}; {self.access_hint}") from None
+
+    def free_bytes(self) -> int | None:
+        """Free space of the local filesystem holding the root (None for object storage)."""
+        if self.remote:
+            return None
+        existing = Path(self.root)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        return shutil.disk_usage(existing).free
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -75,6 +114,29 @@ class Store:
         if not self.remote:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.retry(f"writing {self.url_of(*parts)}", lambda: self.fs.pipe_file(path, data))
+
+    def create(self, data: bytes, *parts: str) -> bool:
+        """Write one object only if it does not exist yet, decided atomically by the filesystem
+        (O_EXCL) or the object store (If-None-Match: *); False if it existed."""
+        path = self.path(*parts)
+
+        def write() -> bool:
+            try:
+                if self.remote:
+                    self.fs.pipe_file(path, data, mode="create")
+                else:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "xb") as out:
+                        out.write(data)
+            except FileExistsError:
+                return False
+            except OSError as exc:  # s3fs: 412 Precondition Failed
+                if exc.errno == errno.EINVAL and "pre-condition" in str(exc).lower():
+                    return False
+                raise
+            return True
+
+        return self.retry(f"creating {self.url_of(*parts)}", write)
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.retry(
@@ -180,11 +242,13 @@ def file_sha256(path: Path | str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`upload SCRATCH URL TARGET RETRIES`: upload SCRATCH's files under URL/TARGET at the lowest
-    CPU priority and print their digests as JSON (errors: one line on stderr, exit 1)."""
-    command, scratch, url, target, retries = argv
+    """`upload SCRATCH URL TARGET RETRIES PARENT`: upload SCRATCH's files under URL/TARGET at the
+    lowest CPU priority and print their digests as JSON (errors: one line on stderr, exit 1).
+    Exits, removing SCRATCH, as soon as process PARENT is gone."""
+    command, scratch, url, target, retries, parent = argv
     if command != "upload":
         raise SystemExit(f"unknown command {command!r}")
+    exit_with_parent(int(parent), lambda: shutil.rmtree(scratch, ignore_errors=True))
     os.nice(19)
     try:
         digests = Store(url, int(retries)).upload_dir(Path(scratch), target)

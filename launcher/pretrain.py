@@ -8,7 +8,12 @@ python launcher/pretrain.py --config configs/debug-cpu.toml --train.max_steps=50
 
 import sys
 
-from esmdist.train import main
+from esmdist.signals import install_early
+
+# Before torch is imported (seconds): a SIGUSR1/SIGTERM/SIGINT from now on is a stop request.
+install_early()
+
+from esmdist.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

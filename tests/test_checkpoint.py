@@ -189,7 +189,7 @@ def test_sigusr1_saves_exits_75_and_resumes_exactly(shards, s3_server, s3_env, t
 
 
 def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
-    from esmdist.checkpoint import consolidated_weights
+    from esmdist.export import consolidated_weights
 
     env, url = bucket(s3_server, "ckpt-reshard")
     root = f"{url}/run"
@@ -202,8 +202,9 @@ def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
     assert "resumed from step_000000008" in done.stdout
     records = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 12 and records[0]["loss"] < 3.3
-    # Loading on one rank gave back the two-rank model exactly: resume again with no steps left.
-    same = run(command(shards, tmp_path / "check", root, 1, "--parallel.backend=single",
+    # Loading on one rank gave back the two-rank model exactly: resume again with no steps left
+    # (into a root of its own: step_000000012 is newer in this one).
+    same = run(command(shards, tmp_path / "check", f"{url}/check", 1, "--parallel.backend=single",
                        "--train.max_steps=8", "--checkpoint.resume=" + f"{root}/step_000000008",
                        "--train.tokens_per_step=4096"), env)  # fmt: skip
     assert "resumed from" in same.stdout
@@ -260,7 +261,7 @@ def test_export_consolidates_checkpoints(backend, shards, s3_server, s3_env, tmp
 
 
 def test_training_survives_an_s3_restart(shards, s3_server, s3_env, tmp_path):
-    from esmdist.checkpoint import consolidated_weights
+    from esmdist.export import consolidated_weights
 
     env, url = bucket(s3_server, "ckpt-restart")
     root = f"{url}/run"

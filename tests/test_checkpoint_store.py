@@ -67,7 +67,7 @@ def test_uncommitted_checkpoint_is_refused(tmp_path):
         CheckpointConfig(resume=str(tmp_path / "step_000000005")), str(tmp_path)
     )
     with pytest.raises(CheckpointError, match="not committed"):
-        checkpointer.load(checkpointer.find(), engine=None)
+        checkpointer.open(checkpointer.find())
 
 
 def test_a_checkpoint_cannot_run_code(tmp_path):
@@ -89,7 +89,9 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     checkpointer = Checkpointer(CheckpointConfig(), str(tmp_path))
     state = {"step": 1, "schedule": engine.schedule.state_dict(), "world_size": 1}
     checkpointer.save(1, engine, state, {})
-    assert checkpointer.load("step_000000001", engine)["step"] == 1  # the genuine one loads
+    genuine = checkpointer.open("step_000000001")
+    checkpointer.load(genuine, engine)  # the genuine one loads
+    assert genuine.json("train_state.json")["step"] == 1
 
     witness = tmp_path / "ran"
 
@@ -106,7 +108,7 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"\.metadata: refusing to unpickle (posix|os)\.system"
     ):
-        checkpointer.load("step_000000001", engine)
+        checkpointer.load(checkpointer.open("step_000000001"), engine)
     assert not witness.exists()
 
 

@@ -20,6 +20,7 @@ from esmdist.data.shard import ShardOptions, run_sharding
 from esmdist.data.stream import (
     DataConfig,
     DataError,
+    ShardCheck,
     ShardSet,
     TrainLoader,
     merge_rank_states,
@@ -251,11 +252,11 @@ def test_bad_shards_are_named(sharded, tmp_path):
     first = sorted(copy.glob("train-*.tar"))[0]
     first.write_bytes(first.read_bytes()[:5000] + b"garbage" * 100)
     with pytest.raises(DataError, match=f"{first.name}"):
-        read_shard(str(first), 100)
+        read_shard(str(first), ShardCheck(100))
     second = sorted(copy.glob("train-*.tar"))[1]
     second.unlink()
     with pytest.raises(DataError, match=f"{second.name}: shard listed in the manifest is missing"):
-        read_shard(str(second), 100)
+        read_shard(str(second), ShardCheck(100))
     (copy / "manifest.json").unlink()
     with pytest.raises(DataError, match="no manifest.json — not a sharded dataset"):
         ShardSet.from_directory(str(copy), "train")
@@ -273,7 +274,7 @@ def test_truncated_shard_is_caught_by_the_count(sharded, tmp_path):
             out.addfile(member, full.extractfile(member))
     expected = pq.read_table(Path(sharded) / "shards.parquet").to_pylist()[0]["samples"]
     with pytest.raises(DataError, match="holds 40 samples but shards.parquet lists"):
-        read_shard(str(short), expected)
+        read_shard(str(short), ShardCheck(expected))
 
 
 def test_plain_url_lists_and_pipe_urls(sharded):

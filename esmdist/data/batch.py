@@ -62,6 +62,8 @@ def mask_tokens(
     selected = residue & (draws[0] < config.probability)
     if not selected.any():
         candidates = np.flatnonzero(residue)
+        if not len(candidates):
+            raise ValueError("a batch without any residue token: nothing to predict")
         selected[candidates[int(draws[1][0] * len(candidates))]] = True
     targets = tokens[selected]
     inputs = tokens.copy()

@@ -1,7 +1,8 @@
 """Streaming FASTA reader with validation, for UniParc / UniProtKB / UniRef dumps.
 
 Reads plain, `.gz` (ISA-L's inflate, ~3x zlib) or `.zst` files, local or `s3://` (fsspec), in
-large blocks cut at record boundaries. The sharder parses a block as a whole into Arrow columns
+large blocks cut at record boundaries. A compressed input is read to its proper end of stream:
+one that ends early (a truncated download) is an error naming it, never a shorter dataset. The sharder parses a block as a whole into Arrow columns
 (`parse_block_table`: array operations, no Python per record) when the block is regular — the
 case for UniParc/UniProt/UniRef dumps — and falls back to the per-record parser
 (`parse_block`), which owns every normalisation and error, for a block that is not. Every
@@ -13,9 +14,10 @@ What is normalised (and counted in the report) and what is a policy decision:
   residue;
 - one terminal `*` (a translated stop codon) is removed (`terminal_stop_removed`);
 - characters outside the ESM alphabet, an internal `*` (`internal_stop`), digits, an empty
-  sequence, a header that is not UTF-8: governed by `on_invalid` — `error` (default, raise
+  sequence, a header that is not UTF-8, has no id (`>` alone, `> text`) or holds control
+  characters (NUL and the like): governed by `on_invalid` — `error` (default, raise
   FastaError), `skip` (drop the record and count the reason), `map-x` (replace the characters
-  with `X`; an empty sequence or a non-UTF-8 header is still an error);
+  with `X`; the problems of the header or an empty sequence are still errors);
 - `min_length`/`max_length` are filters the user asked for: records outside are counted
   (`too_short`/`too_long`), never errors.
 """
@@ -40,10 +42,12 @@ if TYPE_CHECKING:
 
 OnInvalid = Literal["error", "skip", "map-x"]
 BLOCK_BYTES = 8 << 20
+ZSTD_READ_BYTES = 1 << 20
 
 _VALID = alphabet.RESIDUE_SYMBOLS.encode()
 _WHITESPACE = b"\r \t\v\f"
 _TO_X = bytes(c if c in _VALID else ord("X") for c in range(256))
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _UNIREF = re.compile(r"^(UniRef\d+_\S+)\s*(.*?)\s*((?:n|Tax|TaxID|RepID)=.*)?$")
 _UNIREF_FIELD = re.compile(r"(n|Tax|TaxID|RepID)=(.*?)(?=\s+(?:n|Tax|TaxID|RepID)=|$)")
 _UNIPROT_FIELD = re.compile(r"\b(OS|OX|GN|PE|SV)=(.*?)(?=\s+(?:OS|OX|GN|PE|SV)=|$)")
@@ -120,9 +124,52 @@ def input_error(path: str, exc: OSError) -> FastaError:
     return FastaError(f"{path}: cannot open input ({exc})")
 
 
+def input_stat(path: str) -> dict:
+    """The stored size and modification stamp of input `path` (local mtime, or the object
+    store's LastModified and ETag): what tells a rerun that an input changed."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        info = fs.info(root)
+    except OSError as exc:
+        raise input_error(path, exc) from None
+    if info.get("type") == "directory":
+        raise FastaError(f"{path}: is a directory, not an input file")
+    stamp = info.get("mtime") or " ".join(str(info.get(k, "")) for k in ("LastModified", "ETag"))
+    return {"bytes": int(info["size"]), "modified": str(stamp).strip()}
+
+
+def changed_inputs(recorded: list[dict]) -> list[str]:
+    """Which of the inputs `recorded` (`InputFile.identity()` when they were read) differ now,
+    each with how: another size; else, when the stamp changed too, a sha256 of the stored bytes
+    decides (a copy or a `touch` is not a change)."""
+    import fsspec
+
+    changed = []
+    for entry in recorded:
+        path = entry["path"]
+        try:
+            now = input_stat(path)
+        except FastaError as exc:
+            changed.append(str(exc))
+            continue
+        if now["bytes"] != entry["bytes"]:
+            changed.append(f"{path}: {entry['bytes']} bytes then, {now['bytes']} now")
+        elif now["modified"] != entry.get("modified"):
+            with fsspec.open(path, "rb") as handle:
+                digest = hashlib.sha256()
+                while chunk := handle.read(16 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                changed.append(f"{path}: same size, other content (sha256 differs)")
+    return changed
+
+
 class InputFile:
     """A local or fsspec (`s3://…`) input opened for streaming, decompressed by suffix
-    (`.gz`, `.zst`), with a sha256 of the stored (compressed) bytes taken as they are read."""
+    (`.gz`, `.zst`), with a sha256 of the stored (compressed) bytes taken as they are read and
+    the size and stamp (`input_stat`) it had when opened."""
 
     def __init__(self, path: str):
         import fsspec
@@ -130,6 +177,7 @@ class InputFile:
         self.path = path
         self.sha256 = hashlib.sha256()
         self.stored_bytes = 0
+        self.stat = input_stat(path)
         try:
             self._raw = fsspec.open(path, "rb").open()
         except OSError as exc:
@@ -140,11 +188,20 @@ class InputFile:
 
             self._stream: BinaryIO = igzip.IGzipFile(fileobj=self, mode="rb")
         elif name.endswith((".zst", ".zstd")):
-            import zstandard
-
-            self._stream = zstandard.ZstdDecompressor().stream_reader(self, read_across_frames=True)
+            self._stream = _ZstdFrames(self)
         else:
             self._stream = self
+
+    def identity(self) -> dict:
+        """What was read: path, stored bytes, their sha256 and the stamp; an input that changed
+        while it was read is an error."""
+        if self.stored_bytes != self.stat["bytes"]:
+            raise FastaError(
+                f"{self.path}: {self.stored_bytes} bytes read but {self.stat['bytes']} stored: "
+                "the input changed while it was read"
+            )
+        return {"path": self.path, "bytes": self.stored_bytes,
+                "sha256": self.sha256.hexdigest(), "modified": self.stat["modified"]}  # fmt: skip
 
     def read(self, size: int = -1) -> bytes:
         """Stored bytes (used by the decompressor, or directly for plain files)."""
@@ -184,6 +241,39 @@ class InputFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ZstdFrames:
+    """The decompressed bytes of zstd frames one after another (as `zstd` and `pzstd` write
+    them), to the end of the last one: input that ends inside a frame is an error."""
+
+    def __init__(self, raw: InputFile):
+        import zstandard
+
+        self.raw, self.context = raw, zstandard.ZstdDecompressor()
+        self.frame = None
+        self.unused = b""
+        self.buffer = bytearray()
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            data = self.unused or self.raw.read(ZSTD_READ_BYTES)
+            self.unused = b""
+            if not data:
+                if self.frame is not None:
+                    raise FastaError(
+                        f"{self.raw.path}: zstd stream is truncated (the input ends inside a "
+                        "frame); re-download the file"
+                    )
+                break
+            if self.frame is None:
+                self.frame = self.context.decompressobj()
+            self.buffer += self.frame.decompress(data)
+            if self.frame.eof:
+                self.unused, self.frame = self.frame.unused_data, None
+        out = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return out
 
 
 def _isal_error() -> type[Exception]:
@@ -278,7 +368,14 @@ def parse_block(
             if problem("non_utf8_header", f"header is not UTF-8 ({exc.reason} at byte "
                        f"{exc.start}): {header_bytes[:60]!r}", fixable=False):  # fmt: skip
                 continue
+        control = _CONTROL.search(header)
+        if control and problem("control_character_in_header", f"header has the control "
+                               f"character {control.group()!r}: {header[:60]!r}", fixable=False):  # fmt: skip
+            continue
         record_id, fields = parse_header(header)
+        if not record_id and problem("empty_id", f"header {header[:60]!r} has no id (the text "
+                                     "right after '>')", fixable=False):  # fmt: skip
+            continue
         seq = body.replace(b"\n", b"")
         if seq.translate(None, _WHITESPACE) != seq:
             seq = seq.translate(None, _WHITESPACE)
@@ -425,6 +522,8 @@ def _regular_block_table(block: bytes, first_record: int) -> pa.Table | None:
     if pc.any(uniprot).as_py():
         accessions = pc.list_element(pc.split_pattern(ids, "|"), 1)
         ids = pc.if_else(uniprot, accessions, ids)
+    if pc.min(pc.binary_length(ids)).as_py() == 0:
+        return None  # a record without id: the per-record parser words the problem
     return pa.table(
         {
             "id": ids,

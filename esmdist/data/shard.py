@@ -61,12 +61,14 @@ from esmdist.data.fasta import (
     InputFile,
     OnInvalid,
     ReadReport,
-    input_error,
+    changed_inputs,
+    input_stat,
     parse_block,
     parse_block_table,
     record_blocks,
 )
 from esmdist.data.spill import SpillWriter, read_partition, remove_writer
+from esmdist.process import exit_with_parent
 from esmdist.storage import Store
 
 FORMAT_VERSION = 2
@@ -110,6 +112,18 @@ class ShardOptions:
             raise ValueError(f"--on-invalid must be error, skip or map-x, not {self.on_invalid}")
         if self.max_length is not None and self.max_length < self.min_length:
             raise ValueError("--max-length must not be below --min-length")
+        if self.min_length < 0:
+            raise ValueError(f"--min-length must not be negative, got {self.min_length}")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise ValueError(f"--shard-size must be positive, got {self.shard_bytes} bytes")
+        if self.shard_samples is not None and self.shard_samples < 1:
+            raise ValueError(f"--shard-samples must be at least 1, got {self.shard_samples}")
+        repeated = sorted({p for p in self.inputs if self.inputs.count(p) > 1})
+        if repeated:
+            raise ValueError(f"shard: INPUT given more than once: {', '.join(repeated)}")
+        if self.on_missing_member not in ("error", "skip"):
+            raise ValueError(f"--on-missing-member must be error or skip, not "
+                             f"{self.on_missing_member}")  # fmt: skip
 
     def identity(self) -> dict:
         """Everything the output bytes depend on, besides the input bytes (not where they go)."""
@@ -284,7 +298,9 @@ def _stage1_worker(
     slots: list,
     tasks: mp.Queue,
     results: mp.Queue,
+    parent: int,
 ) -> None:
+    exit_with_parent(parent)  # a killed main process leaves no worker writing on
     records = SpillWriter(Path(spill_root) / "records", partitions, f"w{number}")
     members = SpillWriter(Path(spill_root) / "members", partitions, f"w{number}")
 
@@ -322,12 +338,11 @@ def _stage1_worker(
             if task.slot is not None:
                 task.block = bytes(memoryview(slots[task.slot]).cast("B")[: task.size])
             if task.kind == "members":
-                table = _membership_table(task.path, task.block, task.number)
+                table, report = _membership_table(task.path, task.block, task.number)
                 hi, lo = key_hashes(options.seed, table["member"])
                 table = table.append_column("hi", pa.array(hi)).append_column("lo", pa.array(lo))
                 members.add(lo % partitions, table)
-                results.put(("block", (None, None, len(task.block), ReadReport(), Counter(),
-                                       None)))  # fmt: skip
+                results.put(("block", (None, None, len(task.block), report, Counter(), None)))
             elif task.kind == "fasta":
                 if spill_block(task, task.block, task.number, task.leading) is None:
                     results.put(("reparse", ((task.input_index, task.number), task.block,
@@ -344,9 +359,7 @@ def _stage1_worker(
                             break
                         record, line = record + counted[1], line + counted[2]
                     else:
-                        results.put(("input", (task.input_index, {
-                            "path": task.path, "bytes": handle.stored_bytes,
-                            "sha256": handle.sha256.hexdigest()})))  # fmt: skip
+                        results.put(("input", (task.input_index, handle.identity())))
         records.close()
         members.close()
         results.put(("done", number))
@@ -356,8 +369,25 @@ def _stage1_worker(
         results.put(("error", f"worker {number}: {type(exc).__name__}: {exc}"))
 
 
-def _membership_table(path: str, block: bytes, first_line: int) -> pa.Table:
-    """`cluster<TAB>member` lines of one block as (member, cluster, line); blank lines and
+# Column names a membership table's first line may hold (lowercase, letters only): such a line
+# is a header, skipped and counted, not a cluster named "cluster".
+_HEADER_WORDS = frozenset({
+    "cluster", "clusterid", "clustername", "rep", "repid", "representative", "representativeid",
+    "centroid", "member", "memberid", "members", "query", "target", "seq", "seqid", "sequence",
+    "sequenceid", "id", "protein", "proteinid", "entry", "accession",
+})  # fmt: skip
+
+
+def _is_header(line: str) -> bool:
+    fields = line.split("\t")
+    return len(fields) == 2 and all(
+        re.sub("[^a-z]", "", field.lower()) in _HEADER_WORDS for field in fields
+    )
+
+
+def _membership_table(path: str, block: bytes, first_line: int) -> tuple[pa.Table, ReadReport]:
+    """`cluster<TAB>member` lines of one block as (member, cluster, line), and what was skipped
+    (a header line at the top of the table, counted as `cluster_table_header`); blank lines and
     CR line ends are allowed, anything else is an error naming the line."""
     lines = pa.array(block.split(b"\n"), pa.binary())
     numbers = pa.array(np.arange(first_line, first_line + len(lines), dtype=np.int64))
@@ -368,6 +398,10 @@ def _membership_table(path: str, block: bytes, first_line: int) -> pa.Table:
                          for line in lines.to_pylist()], pa.string())  # fmt: skip
     filled = pc.not_equal(text, "")
     text, numbers = text.filter(filled), numbers.filter(filled)
+    report = ReadReport()
+    if first_line == 1 and len(text) and _is_header(text[0].as_py()):
+        report.skipped["cluster_table_header"] = 1
+        text, numbers = text.slice(1), numbers.slice(1)
     fields = pc.split_pattern(text, "\t")
     well_formed = pc.equal(pc.list_value_length(fields), 2)
     if pc.all(well_formed).as_py():  # then both fields exist, and must not be empty
@@ -380,7 +414,7 @@ def _membership_table(path: str, block: bytes, first_line: int) -> pa.Table:
             f"UniRef membership), got {text[bad].as_py().encode()[:80]!r}"
         )
     members = {"member": pc.list_element(fields, 1), "cluster": pc.list_element(fields, 0)}
-    return pa.table({**members, "line": numbers})
+    return pa.table({**members, "line": numbers}), report
 
 
 class _BadBlock(Exception):
@@ -438,19 +472,19 @@ def _numbered(records: pa.Table, work: Path) -> pa.Table:
     return records.set_column(3, "record", pa.array(number)).drop_columns(["block"])
 
 
-def _membership_blocks(path: str) -> Iterator[tuple[bytes, int]]:
-    with InputFile(path) as handle:
-        pending, line = b"", 1
-        while True:
-            chunk = handle.read_decompressed(BLOCK_BYTES)
-            data = pending + chunk
-            cut = data.rfind(b"\n") + 1 if chunk else len(data)
-            block, pending = data[:cut], data[cut:]
-            if block:
-                yield block, line
-                line += block.count(b"\n")
-            if not chunk:
-                return
+def _membership_blocks(handle: InputFile) -> Iterator[tuple[bytes, int]]:
+    """(block of whole lines, its first line number) of the open membership table."""
+    pending, line = b"", 1
+    while True:
+        chunk = handle.read_decompressed(BLOCK_BYTES)
+        data = pending + chunk
+        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+        block, pending = data[:cut], data[cut:]
+        if block:
+            yield block, line
+            line += block.count(b"\n")
+        if not chunk:
+            return
 
 
 class _Progress:
@@ -500,7 +534,7 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
     procs = [
         context.Process(
             target=_stage1_worker,
-            args=(i, options, partitions, str(spill), slots, tasks, results),
+            args=(i, options, partitions, str(spill), slots, tasks, results, os.getpid()),
             daemon=True,
         )
         for i in range(workers)
@@ -579,11 +613,12 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
                 with InputFile(path) as handle:
                     for number, (block, leading) in enumerate(record_blocks(path, handle)):
                         submit(_ReadTask("fasta", index, path, block, number, leading))
-                checksums[index] = {"path": path, "bytes": handle.stored_bytes,
-                                    "sha256": handle.sha256.hexdigest()}  # fmt: skip
+                checksums[index] = handle.identity()
             if options.clusters:
-                for block, line in _membership_blocks(options.clusters):
-                    submit(_ReadTask("members", -1, options.clusters, block, line))
+                with InputFile(options.clusters) as handle:
+                    for block, line in _membership_blocks(handle):
+                        submit(_ReadTask("members", -1, options.clusters, block, line))
+                checksums[-1] = handle.identity()
         except _BadBlock:
             pass
         for _ in procs:
@@ -611,6 +646,7 @@ def _stage1(options: ShardOptions, partitions: int, work: Path, workers: int) ->
         first_records[index].append(record)
     return {
         "inputs": [checksums[index] for index in range(len(options.inputs))],
+        "cluster_table": checksums.get(-1),
         "block_first_record": first_records,
         "read": report.to_dict(),
         "length_log2_histogram": {str(k): v for k, v in sorted(lengths.items())},
@@ -1046,15 +1082,13 @@ def _stage4_write(options: ShardOptions, work: str, plan: ShardPlan) -> dict:
 def _partition_count(options: ShardOptions) -> int:
     """From the stored input sizes (compressed inputs counted ×4): deterministic for given
     inputs, independent of the machine and of --workers."""
-    import fsspec
 
     estimate = 0
     for path in (*options.inputs, *([options.clusters] if options.clusters else [])):
         try:
-            fs, root = fsspec.core.url_to_fs(path)
-            size = fs.size(root)
-        except OSError as exc:
-            raise ShardError(str(input_error(path, exc))) from None
+            size = input_stat(path)["bytes"]
+        except FastaError as exc:
+            raise ShardError(str(exc)) from None
         estimate += size * (4 if path.lower().endswith((".gz", ".zst", ".zstd")) else 1)
     return max(1, min(MAX_PARTITIONS, math.ceil(estimate / PARTITION_TARGET_BYTES)))
 
@@ -1081,43 +1115,83 @@ def run_sharding(
     store = Store(options.out)
     identity = options.identity()
     if store.exists(MANIFEST):
-        manifest = json.loads(store.read_bytes(MANIFEST))
-        if manifest.get("options") == identity:
-            print(f"{options.out}: already sharded with these options", file=sys.stderr)
-            return manifest
-        raise ShardError(
-            f"{options.out} already holds a sharded dataset made with other options; "
-            "choose another --out or delete it"
-        )
+        return _already_sharded(options, json.loads(store.read_bytes(MANIFEST)))
+    partitions = _partition_count(options)  # every input exists (sizes)
+    store.check_writable()  # a read-only --out or refused credentials fail now, not at the end
     work = work_dir or default_work_dir(options.out)
-    plan_file = work / "plan.json"
-    plan = _json(plan_file)
-    if plan is not None and plan["options"] != identity:
-        raise ShardError(
-            f"{work} holds an unfinished run with other options; delete it or use the same options"
-        )
-    if plan is None:
-        plan = {"options": identity, "partitions": _partition_count(options)}
-        work.mkdir(parents=True, exist_ok=True)
-        _atomic_write(plan_file, json.dumps(plan, indent=1).encode())
-    partitions = plan["partitions"]
-    started = time.monotonic()
-    (work / "tmp").mkdir(exist_ok=True)
-
-    with _worker_environment():
-        read = _json(work / "stage1.json")
-        if read is None:
-            read = _stage1(options, partitions, work, workers)
-            _atomic_write(work / "stage1.json", json.dumps(read).encode())
-        rows, joins, groups = _stages_2_to_4(options, partitions, work, workers)
-    print(f"finished in {time.monotonic() - started:,.1f} s", file=sys.stderr)
-
-    manifest = _manifest(options, read, joins, groups, rows)
-    _write_shard_table(store, rows, work)
-    _publish_bytes(store, json.dumps(manifest, indent=1).encode(), MANIFEST, work)
+    work.mkdir(parents=True, exist_ok=True)
+    with _work_lock(work):
+        plan_file = work / "plan.json"
+        plan = _json(plan_file)
+        if plan is not None and plan["options"] != identity:
+            raise ShardError(f"{work} holds an unfinished run with other options; delete it or "
+                             "use the same options")  # fmt: skip
+        if plan is None:
+            plan = {"options": identity, "partitions": partitions}
+            _atomic_write(plan_file, json.dumps(plan, indent=1).encode())
+        elif plan["partitions"] != partitions:
+            raise ShardError(f"the input sizes changed since the unfinished run in {work} "
+                             f"started: delete {work} to start over")  # fmt: skip
+        started = time.monotonic()
+        (work / "tmp").mkdir(exist_ok=True)
+        with _worker_environment():
+            read = _json(work / "stage1.json")
+            if read is None:
+                read = _stage1(options, partitions, work, workers)
+                _atomic_write(work / "stage1.json", json.dumps(read).encode())
+            elif changed := changed_inputs(_recorded_inputs(read)):
+                raise ShardError(f"the inputs changed since the unfinished run in {work} read "
+                                 f"them ({'; '.join(changed)}): delete {work} to start over")  # fmt: skip
+            rows, joins, groups = _stages_2_to_4(options, partitions, work, workers)
+        print(f"finished in {time.monotonic() - started:,.1f} s", file=sys.stderr)
+        manifest = _manifest(options, read, joins, groups, rows)
+        _write_shard_table(store, rows, work)
+        _publish_bytes(store, json.dumps(manifest, indent=1).encode(), MANIFEST, work)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _recorded_inputs(read: dict) -> list[dict]:
+    """The identities of the FASTA inputs and the cluster table as read (stage 1, manifest)."""
+    return [*read["inputs"], *([read["cluster_table"]] if read.get("cluster_table") else [])]
+
+
+def _already_sharded(options: ShardOptions, manifest: dict) -> dict:
+    """The existing manifest when it was made from these options and these inputs, as they
+    are now; else ShardError saying what differs."""
+    if manifest.get("options") != options.identity():
+        raise ShardError(f"{options.out} already holds a sharded dataset made with other "
+                         "options; choose another --out or delete it")  # fmt: skip
+    changed = changed_inputs(_recorded_inputs(manifest))
+    if changed:
+        raise ShardError(
+            f"{options.out} holds shards of other versions of the inputs ({'; '.join(changed)}): "
+            "delete it or choose another --out to shard them as they are now"
+        )
+    print(f"{options.out}: already sharded with these options", file=sys.stderr)
+    return manifest
+
+
+@contextlib.contextmanager
+def _work_lock(work: Path) -> Iterator[None]:
+    """One sharding run per work directory: a second one would write the same spills and runs.
+    An OS file lock, released by the kernel when its holder exits, however it exits."""
+    import fcntl
+
+    with open(work / "LOCK", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ShardError(f"another esmdist shard (pid {holder}) is running on {work}; wait "
+                             "for it, or give this run another --out or --work-dir") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def _stages_2_to_4(options: ShardOptions, partitions: int, work: Path, workers: int):
@@ -1126,7 +1200,8 @@ def _stages_2_to_4(options: ShardOptions, partitions: int, work: Path, workers: 
     grouped, a run once every shard cut from it is written) is deleted at once: most of it then
     never reaches the disk, and the work directory peaks lower."""
     spill1 = [work / "spill1" / kind for kind in ("records", "members")]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:  # fmt: skip
         joins = []
         if _grouped(options):  # else a record's id partition is already its group partition
             joins = _resumable_stage(pool, work / "stage2", "join", range(partitions),
@@ -1254,6 +1329,7 @@ def _manifest(options, read, joins, groups, rows) -> dict:
         "format_version": FORMAT_VERSION,
         "options": options.identity(),
         "inputs": read["inputs"],
+        "cluster_table": read.get("cluster_table"),
         "counts": {
             "records_read": read["read"]["records"] + sum(read["read"]["skipped"].values()),
             "sequences": sum(s["sequences"] for s in per_split.values()),

@@ -1,7 +1,10 @@
 """The training stream: sharded split → ordered samples per reader slot → crop → pack → mask.
 
 Shards are read with webdataset's own tar iteration (local paths, `s3://` through fsspec,
-`pipe:` URLs). Which samples a (rank, dataloader worker) reads, and when, is the pure function
+`pipe:` URLs). A shard listed in a dataset's `shards.parquet` is checked as it is read — its
+size and sha256 (taken on the way, no second pass) against that table — and every sample's
+content against the format (`>id` / sequence line pairs, residues of the ESM alphabet): a
+changed, truncated or foreign shard is an error naming it (and the sample), never trained on. Which samples a (rank, dataloader worker) reads, and when, is the pure function
 of `esmdist.data.order`; every random draw (cluster member, crop window, masking) is seeded by
 where it happens in that order (seed, epoch, shard or position), never by time or pid. The
 state to resume from is a handful of integers per slot (`DataState`).
@@ -9,9 +12,11 @@ state to resume from is a handful of integers per slot (`DataState`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -21,8 +26,10 @@ from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_spec
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
 
 MANIFEST = "manifest.json"
+SHARD_TABLE = "shards.parquet"
 # Version 1 differed only in how sample keys and splits were hashed (blake2b): same layout.
 SUPPORTED_FORMATS = (1, 2)
+_RESIDUES = alphabet.RESIDUE_SYMBOLS.encode()
 
 
 class DataError(RuntimeError):
@@ -60,6 +67,9 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.seed < 0 or self.valid_seed < 0:
+            raise ValueError("data.seed and data.valid_seed must not be negative")
+        self.masking  # noqa: B018 — its own checks name the keys
 
     @property
     def masking(self) -> MaskingConfig:
@@ -86,17 +96,37 @@ def _register_s3() -> None:
         gopen.gopen_schemes["s3"] = open_s3
 
 
+@dataclass(frozen=True)
+class ShardCheck:
+    """What a shard must hold, from `shards.parquet`."""
+
+    samples: int
+    bytes: int | None = None
+    sha256: str | None = None
+
+
 @dataclass
 class ShardSet:
-    """The shards of one split and their sample counts."""
+    """The shards of one split and their sample counts (and, from a sharded directory, the size
+    and sha256 each shard is checked against)."""
 
     urls: list[str]
     sizes: list[int]
     split: str
+    checks: list[ShardCheck | None] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the split's content — shard names, sample counts and sha256s — that a
+        resumed run compares with its checkpoint's: the same data wherever it is stored."""
+        rows = [[url.rsplit("/", 1)[-1], size, check.sha256 if check else None]
+                for url, size, check in zip(self.urls, self.sizes, self.checks or
+                                            [None] * len(self.urls), strict=True)]  # fmt: skip
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     @classmethod
     def from_directory(cls, path: str, split: str) -> ShardSet:
@@ -104,37 +134,49 @@ class ShardSet:
         import pyarrow.parquet as pq
 
         fs, root = fsspec.core.url_to_fs(path)
-        manifest_path = f"{root.rstrip('/')}/{MANIFEST}"
+        base = path.rstrip("/")
         try:
-            manifest = json.loads(fs.cat_file(manifest_path))
+            manifest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}"))
         except FileNotFoundError:
             raise DataError(
                 f"{path}: no {MANIFEST} — not a sharded dataset, or its sharding has not "
                 "finished (run or rerun `esmdist shard`)"
             ) from None
-        if manifest.get("format_version") not in SUPPORTED_FORMATS:
+        except PermissionError as exc:
+            raise DataError(f"{base}/{MANIFEST}: access denied ({exc}); check the credentials "
+                            "and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                            "AWS_ENDPOINT_URL)") from None  # fmt: skip
+        except ValueError as exc:
+            raise DataError(f"{base}/{MANIFEST}: not valid JSON ({exc})") from None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version not in SUPPORTED_FORMATS:
             raise DataError(
-                f"{path}: shard format version {manifest.get('format_version')} is not "
-                f"supported (this esmdist reads versions {SUPPORTED_FORMATS})"
+                f"{path}: shard format version {version} is not supported (this esmdist reads "
+                f"versions {SUPPORTED_FORMATS})"
             )
-        with fs.open(f"{root.rstrip('/')}/shards.parquet", "rb") as handle:
-            rows = [r for r in pq.read_table(handle).to_pylist() if r["split"] == split]
+        try:
+            with fs.open(f"{root.rstrip('/')}/{SHARD_TABLE}", "rb") as handle:
+                rows = [r for r in pq.read_table(handle).to_pylist() if r["split"] == split]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{base}/{SHARD_TABLE}: unreadable ({exc})") from None
         if not rows:
             raise DataError(f"{path}: the split {split!r} has no shards")
-        base = path.rstrip("/")
-        return cls([f"{base}/{r['name']}" for r in rows], [r["samples"] for r in rows], split)
+        return cls([f"{base}/{r['name']}" for r in rows], [r["samples"] for r in rows], split,
+                   [ShardCheck(r["samples"], r["bytes"], r["sha256"]) for r in rows])  # fmt: skip
 
     @classmethod
     def from_urls(cls, urls: list[str], split: str = "train") -> ShardSet:
         """Shards given as webdataset URLs (local paths, `s3://…`, `pipe:COMMAND`, with brace
         ranges like `train-{000000..000041}.tar`). Without a manifest the sample counts the
-        order needs are unknown, so every shard is read once here to count them."""
+        order needs are unknown, so every shard is read once here to count them (and the
+        content checks are all there is: no size or sha256 to compare with)."""
         import braceexpand
 
         expanded = [u for url in urls for u in braceexpand.braceexpand(url)]
         if not expanded:
             raise DataError("no shard URLs given")
-        return cls(expanded, [len(read_shard(u)) for u in expanded], split)
+        return cls(expanded, [len(read_shard(u)) for u in expanded], split,
+                   [None] * len(expanded))  # fmt: skip
 
     @classmethod
     def open(cls, path: str, split: str) -> ShardSet:
@@ -145,35 +187,93 @@ class ShardSet:
             return cls.from_directory(urls[0], split)
         return cls.from_urls(urls, split)
 
+    def read(self, shard: int) -> list[tuple[list[str], list[str]]]:
+        return read_shard(self.urls[shard], self.checks[shard] if self.checks else None)
 
-def read_shard(url: str, expected: int | None = None) -> list[tuple[list[str], list[str]]]:
-    """(ids, sequences) of every sample of a shard, in tar order."""
+
+class _HashingReader(io.RawIOBase):
+    """A read stream that takes the sha256 and size of the bytes passing through."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.inner.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self.inner.close()
+
+
+def _sample_members(url: str, key: str, text: bytes) -> tuple[list[str], list[str]]:
+    """(ids, sequences) of one sample's `.fasta` member, checked against the format."""
+    lines = text.split(b"\n")
+    if len(lines) < 3 or lines[-1] != b"" or len(lines) % 2 == 0:
+        raise DataError(f"{url}: sample {key}: not '>id' and sequence line pairs")
+    headers, sequences = lines[0:-1:2], lines[1:-1:2]
+    for header, sequence in zip(headers, sequences, strict=True):
+        if len(header) < 2 or header[:1] != b">" or not header.isascii():
+            raise DataError(f"{url}: sample {key}: bad header line {header[:60]!r}")
+        bad = sequence.translate(None, _RESIDUES)
+        if bad or not sequence:
+            what = f"residue {bad[:1].decode('latin-1')!r} outside the ESM alphabet" if bad \
+                else "an empty sequence"  # fmt: skip
+            raise DataError(f"{url}: sample {key} ({header[1:41].decode()}): {what} — the shard "
+                            "is damaged or was not written by esmdist shard")  # fmt: skip
+    return [h[1:].decode() for h in headers], [q.decode() for q in sequences]
+
+
+def read_shard(url: str, check: ShardCheck | None = None) -> list[tuple[list[str], list[str]]]:
+    """(ids, sequences) of every sample of a shard, in tar order; with `check`, the shard's
+    sample count, size and sha256 must match it."""
     import webdataset as wds
 
     if url.startswith("s3://"):
         _register_s3()
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception)
-    )
     samples = []
     try:
-        for sample in pipeline:
-            text = sample.get("fasta")
-            if text is None:
-                raise DataError(f"{url}: sample {sample['__key__']} has no .fasta member")
-            lines = text.decode("ascii").split("\n")
-            samples.append(([i[1:] for i in lines[0:-1:2]], lines[1:-1:2]))
+        stream = _HashingReader(wds.gopen(url, "rb"))
+        with stream:
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}],
+                                                       handler=wds.reraise_exception)  # fmt: skip
+            for sample in wds.tariterators.group_by_keys(files, handler=wds.reraise_exception):
+                text = sample.get("fasta")
+                if text is None:
+                    raise DataError(f"{url}: sample {sample['__key__']} has no .fasta member")
+                samples.append(_sample_members(url, sample["__key__"], text))
+            stream.drain()  # the end-of-archive blocks tar iteration leaves unread
     except DataError:
         raise
     except FileNotFoundError:
         raise DataError(f"{url}: shard listed in the manifest is missing") from None
     except Exception as exc:
         raise DataError(f"{url}: unreadable shard ({type(exc).__name__}: {exc})") from None
-    if expected is not None and len(samples) != expected:
-        raise DataError(
-            f"{url}: holds {len(samples)} samples but shards.parquet lists {expected} "
-            "(truncated or replaced shard?)"
-        )
+    if check is None:
+        return samples
+    if len(samples) != check.samples:
+        raise DataError(f"{url}: holds {len(samples)} samples but {SHARD_TABLE} lists "
+                        f"{check.samples} (truncated or replaced shard?)")  # fmt: skip
+    if check.bytes is not None and stream.size != check.bytes:
+        raise DataError(f"{url}: {stream.size} bytes, {SHARD_TABLE} lists {check.bytes} "
+                        "(truncated or replaced shard?)")  # fmt: skip
+    if check.sha256 is not None and stream.sha.hexdigest() != check.sha256:
+        raise DataError(f"{url}: sha256 differs from {SHARD_TABLE} (the shard was changed "
+                        "after sharding)")  # fmt: skip
     return samples
 
 
@@ -206,12 +306,12 @@ def slot_sequences(
         for start, end in take(run, read, count(run) - read):
             position = start
             for shard, indices in order.runs(start, end):
-                samples = read_shard(shards.urls[shard], shards.sizes[shard])
+                samples = shards.read(shard)
                 draws = rng(state.seed, epoch, 2, shard).random((2, shards.sizes[shard]))
                 for index in indices:
                     sequences = samples[index][1]
                     member = sequences[int(draws[0][index] * len(sequences))]
-                    residues = alphabet.encode_residues(member, "unk")
+                    residues = alphabet.encode_residues(member)
                     read += 1
                     yield (
                         epoch,

@@ -17,7 +17,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from esmdist.checkpoint import CheckpointError, local_path
+from esmdist.checkpoint.deepspeed_files import DEEPSPEED_TAG, verified_local_copy
+from esmdist.checkpoint.safe_load import torch_pickles_without_code
 from esmdist.model import ESM, ModelConfig
+from esmdist.optim import build_optimizer, set_schedule_step
 
 if TYPE_CHECKING:
     from esmdist.config import JobConfig
@@ -25,19 +29,6 @@ if TYPE_CHECKING:
     from esmdist.storage import Digests, Store
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEEPSPEED_TAG = "deepspeed"
-
-
-def lr_lambda(warmup: int, max_steps: int, final_fraction: float):
-    """Linear warm-up to the peak, then linear decay to `final_fraction` of it at max_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return 1.0 - (1.0 - final_fraction) * progress
-
-    return factor
 
 
 def _enable_activation_checkpointing(model: ESM) -> None:
@@ -60,16 +51,6 @@ def _make_model(config: JobConfig, model_config: ModelConfig, device: torch.devi
     # The contact regression is fitted after pretraining (Rao et al.); it gets no MLM gradient.
     model.contact_head.requires_grad_(False)
     return model.to(device)
-
-
-def _optimizer(config: JobConfig, params) -> tuple[torch.optim.Optimizer, object]:
-    optim = config.optim
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim.warmup_steps, config.train.max_steps, optim.final_lr_fraction)
-    )
-    return optimizer, schedule
 
 
 class Engine:
@@ -116,10 +97,14 @@ class Engine:
         the (size, sha256) of the files this rank streamed to object storage, by name."""
         raise NotImplementedError
 
-    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
-        """Restore what `save` wrote (and the LR schedule from `train_state`), checking every
-        file read against `expected` (COMMITTED's sizes and sha256)."""
+    def load(self, store: Store, *parts: str, expected: Digests) -> None:
+        """Restore what `save` wrote, checking every file read against `expected` (COMMITTED's
+        sizes and sha256)."""
         raise NotImplementedError
+
+    def set_step(self, step: int) -> None:
+        """The LR schedule as it stands after `step` steps of this run's config."""
+        set_schedule_step(self.schedule, step, self.peak_lr)
 
 
 class TorchEngine(Engine):
@@ -164,7 +149,9 @@ class TorchEngine(Engine):
         else:
             self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.schedule = _optimizer(config, self.params)
+        self.optimizer, self.schedule = build_optimizer(config.optim, config.train.max_steps,
+                                                        self.params)  # fmt: skip
+        self.peak_lr = config.optim.lr
         self.clip = config.optim.grad_clip
 
     def autocast(self):
@@ -222,27 +209,21 @@ class TorchEngine(Engine):
     def save(self, store: Store, *parts: str) -> Digests:
         import torch.distributed.checkpoint as dcp
 
-        from esmdist.checkpoint import dcp_writer
+        from esmdist.checkpoint.dcp import dcp_writer
 
         writer = dcp_writer(store, *parts)
         dcp.save(self._state(), storage_writer=writer)
         return writer.digests
 
-    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
-        import torch.distributed.checkpoint as dcp
+    def load(self, store: Store, *parts: str, expected: Digests) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        from esmdist.checkpoint import dcp_reader
+        from esmdist.checkpoint.dcp import load_dcp
 
         state = self._state()
-        reader = dcp_reader(store, *parts, expected=expected)
-        try:
-            dcp.load(state, storage_reader=reader)
-        finally:
-            reader.close()
+        load_dcp(state, store, *parts, expected=expected)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
-        self.schedule.load_state_dict(train_state["schedule"])
 
 
 class DeepSpeedEngine(Engine):
@@ -265,7 +246,8 @@ class DeepSpeedEngine(Engine):
             _enable_activation_checkpointing(model)
         self.module = model
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, schedule = _optimizer(config, params)
+        optimizer, schedule = build_optimizer(config.optim, config.train.max_steps, params)
+        self.peak_lr = config.optim.lr
         zero: dict = {"stage": config.parallel.zero_stage}
         if config.parallel.cpu_offload:
             zero["offload_optimizer"] = {"device": "cpu"}
@@ -286,7 +268,6 @@ class DeepSpeedEngine(Engine):
             model_parameters=params,
         )  # fmt: skip
         self.zero_stage = config.parallel.zero_stage
-        self.world_size = dist_info.world_size
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -322,46 +303,17 @@ class DeepSpeedEngine(Engine):
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, store: Store, *parts: str) -> Digests:
-        from esmdist.checkpoint import local_path
-
         self.model.save_checkpoint(local_path(store, *parts), tag=DEEPSPEED_TAG)
         return {}
 
-    def load(self, store: Store, *parts: str, train_state: dict, expected: Digests) -> None:
-        import torch.distributed as dist
-
-        from esmdist.checkpoint import CheckpointError, local_scratch, remove_scratch
-
-        saved = train_state["world_size"]
-        if saved != self.world_size:
-            raise CheckpointError(
-                f"{store.url_of(*parts)}: a DeepSpeed ZeRO checkpoint resumes on the world size it "
-                f"was saved with ({saved} ranks, now {self.world_size}); resume with {saved} "
-                "ranks, or export it (esmdist export) and start a new run from the weights"
-            )
-        # DeepSpeed reads local files: copy (object storage) or check them in place, verifying
-        # each against COMMITTED; every rank learns every failure before DeepSpeed's collectives.
-        scratch = local_scratch(needed=sum(size for size, _ in expected.values()))
-        problems = []
-        try:
-            try:
-                copy_to = scratch if store.remote else None
-                for name in store.files(*parts):
-                    store.check_file(expected, *parts, name, copy_to=copy_to)
-            except CheckpointError as exc:
-                problems.append(str(exc))
-            if dist.is_initialized():
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, problems)
-                problems = sorted({p for part in gathered for p in part})
-            if problems:
-                raise CheckpointError("; ".join(problems))
-            directory = str(scratch) if store.remote else store.path(*parts)
+    def load(self, store: Store, *parts: str, expected: Digests) -> None:
+        with (
+            verified_local_copy(store, *parts, expected=expected) as directory,
+            torch_pickles_without_code(store.url_of(*parts)),
+        ):
             path, _ = self.model.load_checkpoint(directory, tag=DEEPSPEED_TAG)
-            if path is None:
-                raise CheckpointError(f"{store.url_of(*parts)}: DeepSpeed found no checkpoint")
-        finally:
-            remove_scratch(scratch)
+        if path is None:
+            raise CheckpointError(f"{store.url_of(*parts)}: DeepSpeed found no checkpoint")
 
 
 def build_engine(config: JobConfig, model_config: ModelConfig, dist_info: DistInfo) -> Engine:

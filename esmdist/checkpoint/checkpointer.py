@@ -1,0 +1,342 @@
+"""Checkpoints in a local directory or object storage, committed atomically, resumed exactly.
+
+Layout of one checkpoint, `ROOT/step_000001000/`:
+- `model_optim/`  the model and optimizer, sharded per rank: torch DCP for single/DDP/FSDP2
+  (reshardable to another world size), DeepSpeed's own files for ZeRO;
+- `train_state.json`  step, tokens seen, every rank's data-loader state, RNG states, run ids,
+  world size, backend, the dataset's fingerprint (`esmdist.train_state`);
+- `config.json`  the resolved run config; `version.json`  esmdist version and git commit;
+- `COMMITTED`  written last, by rank 0, after every rank finished (`esmdist.checkpoint.manifest`).
+
+A root holds one run: its rank 0 holds `ROOT/LOCK` while it lives (`esmdist.checkpoint.lock`),
+and a run may start in a root that holds checkpoints only by resuming the newest of them.
+
+Object storage: `s3://bucket/prefix` through fsspec/s3fs; endpoint, region and credentials come
+only from the standard AWS environment/config. Transient errors are retried with exponential
+backoff and jitter; a persistent one fails the save loudly, and the previous checkpoint stays
+the latest committed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from esmdist.checkpoint.dcp import dcp_failures
+from esmdist.checkpoint.lock import RunLock
+from esmdist.checkpoint.manifest import (
+    COMMITTED,
+    STEP_DIR,
+    CheckpointError,
+    CheckpointStore,
+    Committed,
+    step_name,
+)
+from esmdist.checkpoint.scratch import local_scratch
+from esmdist.checkpoint.upload import Upload
+from esmdist.storage import Digests, Store
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    root: str = ""
+    """Local directory or s3://bucket/prefix; empty: `{train.output_dir}/checkpoints`."""
+    every: int = 1000
+    """Save every this many steps (and at the end, and on SIGUSR1/SIGTERM/SIGINT). 0: only then."""
+    keep: int = 3
+    """Keep the newest this many committed checkpoints…"""
+    keep_every: int = 0
+    """…and also every step that is a multiple of this (0: none)."""
+    resume: str = "auto"
+    """`auto`: the newest committed checkpoint under root, if any; `none`; or a path."""
+    retries: int = 6
+    """Attempts of each storage operation before a save fails."""
+    async_upload: bool = True
+    """Object storage: stage shards in host memory (or node-local disk) and upload them while
+    training goes on."""
+
+    def __post_init__(self) -> None:
+        for key, value, low in (("every", self.every, 0), ("keep", self.keep, 1),
+                                ("keep_every", self.keep_every, 0), ("retries", self.retries, 1)):  # fmt: skip
+            if value < low:
+                raise ValueError(f"checkpoint.{key} must be at least {low}, got {value}")
+        if not self.resume:
+            raise ValueError("checkpoint.resume: give auto, none or a checkpoint path")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_every_rank(action) -> None:
+    """Run `action` on rank 0; if it raises CheckpointError, every rank raises it."""
+    rank, _ = _rank_world()
+    message = [None]
+    if rank == 0:
+        try:
+            action()
+        except CheckpointError as exc:
+            message[0] = str(exc)
+    if dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CheckpointError(message[0])
+
+
+def version_info() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        esmdist_version = version("esmdist")
+    except PackageNotFoundError:
+        esmdist_version = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"esmdist": esmdist_version, "git_commit": commit or "unknown",
+            "torch": torch.__version__}  # fmt: skip
+
+
+class Checkpointer:
+    """Saves, commits, prunes and finds checkpoints for one run (every rank holds one)."""
+
+    def __init__(self, config: CheckpointConfig, root: str):
+        self.config = config
+        self.store = CheckpointStore(root, config.retries)
+        self.lock = RunLock(self.store)
+        self.pending: tuple[str, Upload] | None = None
+        self.written: Digests = {}
+
+    # ------------------------------------------------------------------- the run
+    def begin(self, where: str | None) -> None:
+        """Take the root for this run (rank 0 holds its lock; every rank learns a refusal):
+        the root must be writable, free, and hold no checkpoint newer than where the run
+        resumes from — retention would delete one run's checkpoints for the other's, and an
+        automatic resume would go back to the other."""
+
+        def take() -> None:
+            self.store.check_writable()
+            self.lock.acquire()
+            committed, _ = self.store.steps()
+            if not committed:
+                return
+            newest = step_name(committed[-1])
+            resumes_newest = where is not None and self._store_for(where) == (self.store.url,
+                                                                               newest)  # fmt: skip
+            if not resumes_newest:
+                source = "starts fresh" if where is None else f"resumes from {where}"
+                raise CheckpointError(
+                    f"{self.store.url} holds checkpoints up to {newest}, but this run {source}: "
+                    "one root holds one run (retention would delete the other's checkpoints). "
+                    "Use another checkpoint.root, resume=auto to continue that run, or delete "
+                    "its newer checkpoints first"
+                )
+
+        try:
+            _on_every_rank(take)
+        except CheckpointError:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """On every exit: stop an unfinished background upload (its checkpoint stays
+        uncommitted), remove its staging, release the root."""
+        if self.pending is not None:
+            self.pending[1].abandon()
+            self.pending = None
+        self.lock.release()
+
+    # ---------------------------------------------------------------------- saving
+    def save(
+        self, step: int, engine, train_state: dict, job_config: dict, background: bool = False
+    ) -> None:
+        """Write checkpoint `step` from every rank, then commit it (rank 0) and prune.
+
+        Object storage: engines that can stream their files there do so, hashing on the way;
+        with `background` (or for DeepSpeed, which writes local files) every rank writes its
+        shards to node-local scratch, hashes and uploads them — never a read-back. In the
+        background the upload runs in a low-priority child process, the staging is the only
+        pause in training, and the checkpoint is committed by the next `save` or `wait`, which
+        first waits for it. A crash in between leaves it uncommitted, and the
+        previous one stays the latest."""
+        self.wait()
+        rank, _ = _rank_world()
+        name = step_name(step)
+
+        def clear() -> None:
+            if self.store.exists(name, COMMITTED):
+                raise CheckpointError(f"{self.store.url_of(name)} is already committed: refusing "
+                                      "to overwrite it (does another run write here?)")  # fmt: skip
+            if self.store.exists(name):
+                self.store.remove(name)  # an uncommitted leftover of a killed save
+
+        _on_every_rank(clear)
+        known: Digests = {}
+        try:
+            if self.store.remote and (background or not engine.streams_to_object_storage):
+                scratch = local_scratch(needed=engine.state_bytes())
+                self.pending = (name, Upload(self.store, scratch, name))
+                engine.save(Store(str(scratch)), "model_optim")
+            else:
+                written = engine.save(self.store, name, "model_optim")
+                known = {f"model_optim/{file}": digest for file, digest in written.items()}
+        except (OSError, CheckpointException) as exc:
+            # A full disk often surfaces as a torch.save zip-writer error that lost the errno.
+            free, needed = self.store.free_bytes(), engine.state_bytes()
+            full = "" if free is None or free >= needed else (
+                f"No space left on device: {free / 2**20:.1f} MiB free, a checkpoint needs up to "
+                f"{needed / 2**20:.1f} MiB; ")  # fmt: skip
+            raise CheckpointError(
+                f"{self.store.url_of(name)}: saving failed ({full}{'; '.join(dcp_failures(exc))});"
+                " the previous committed checkpoint is still the latest"
+            ) from exc
+        if self.pending is not None:
+            if background:
+                self.pending[1].start()
+            else:
+                self.pending[1].run()
+        self.written = {}
+        if rank == 0:
+            for file, text in (
+                ("train_state.json", json.dumps(train_state, indent=1)),
+                ("config.json", json.dumps(job_config, indent=1, default=list)),
+                ("version.json", json.dumps(version_info(), indent=1)),
+            ):
+                data = text.encode()
+                self.store.write_bytes(data, name, file)
+                self.written[file] = (len(data), hashlib.sha256(data).hexdigest())
+        if self.pending is None:
+            self._finish(name, known)
+        elif not background:
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish (upload, commit, prune) the save in flight, if any."""
+        if self.pending is None:
+            return
+        name, upload = self.pending
+        if upload.is_alive():
+            upload.join()
+        self.pending = None
+        failed = torch.tensor([0.0 if upload.error is None else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(failed)
+        if failed.item():
+            raise CheckpointError(
+                f"{self.store.url_of(name)}: upload failed on {int(failed.item())} rank(s)"
+                + (f" ({upload.error})" if upload.error else "")
+                + "; the previous committed checkpoint is still the latest"
+            )
+        self._finish(name, upload.digests)
+
+    def _finish(self, name: str, uploaded: Digests) -> None:
+        rank, world = _rank_world()
+        _barrier()
+        self._commit(name, rank, world, {**uploaded, **self.written})
+        _barrier()
+        if rank == 0:
+            self.prune()
+
+    def _commit(self, name: str, rank: int, world: int, known: Digests) -> None:
+        """Rank 0 writes COMMITTED with the size and sha256 of every file in the checkpoint:
+        those each rank hashed as it wrote them (`known`), the rest hashed now, a share per
+        rank. A listed size that differs from what was written fails the save."""
+        listing = [self.store.files(name) if rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(listing, src=0)
+        known_parts = [known]
+        if dist.is_initialized():
+            known_parts = [None] * world
+            dist.all_gather_object(known_parts, known)
+        known = {f: v for part in known_parts for f, v in part.items()}
+        rest = [(f, size) for f, size in sorted(listing[0].items()) if f not in known]
+        mine = {f: (size, self.store.sha256(name, f)) for i, (f, size) in enumerate(rest)
+                if i % world == rank}  # fmt: skip
+        hashed = [mine]
+        if dist.is_initialized():
+            hashed = [None] * world
+            dist.all_gather_object(hashed, mine)
+
+        def commit() -> None:
+            manifest = {**known, **{f: v for part in hashed for f, v in part.items()}}
+            for file, size in listing[0].items():
+                if manifest[file][0] != size:
+                    raise CheckpointError(f"{self.store.url_of(name, file)}: {size} bytes "
+                                          f"stored, {manifest[file][0]} written")  # fmt: skip
+            missing = sorted(set(manifest) - set(listing[0]))
+            if missing:
+                raise CheckpointError(f"{self.store.url_of(name)}: written but not stored: "
+                                      + ", ".join(missing))  # fmt: skip
+            self.lock.check()
+            files = {f: list(manifest[f]) for f in sorted(manifest)}
+            if not self.store.create(json.dumps({"files": files}, indent=1).encode(), name,
+                                     COMMITTED):  # fmt: skip
+                raise CheckpointError(f"{self.store.url_of(name, COMMITTED)} appeared while "
+                                      "this run saved: another run writes here")  # fmt: skip
+
+        _on_every_rank(commit)
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep` committed checkpoints (plus multiples of
+        `keep_every`), and uncommitted leftovers older than the newest committed one."""
+        committed, partial = self.store.steps()
+        if not committed:
+            return
+        keep = set(committed[-max(1, self.config.keep) :])
+        if self.config.keep_every:
+            keep |= {s for s in committed if s % self.config.keep_every == 0}
+        for step in committed:
+            if step not in keep:
+                self.store.remove(step_name(step))
+        for step in partial:
+            if step < committed[-1]:
+                self.store.remove(step_name(step))
+
+    # --------------------------------------------------------------------- loading
+    def find(self) -> str | None:
+        """The checkpoint to resume from per `config.resume`, as a step directory name or a
+        full path; None to start fresh."""
+        resume = self.config.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            committed, _ = self.store.steps()
+            return step_name(committed[-1]) if committed else None
+        return resume
+
+    def _store_for(self, where: str) -> tuple[str, str]:
+        """(root URL, step directory) of `where`, a step name under this root or a path."""
+        if STEP_DIR.match(where):
+            return self.store.url, where
+        root, _, name = where.rstrip("/").rpartition("/")
+        if not STEP_DIR.match(name):
+            raise CheckpointError(f"{where}: not a checkpoint directory (step_NNNNNNNNN)")
+        return CheckpointStore(root or ".").url, name
+
+    def open(self, where: str) -> Committed:
+        """The committed checkpoint `where`, its files checked against COMMITTED's list."""
+        root, name = self._store_for(where)
+        store = self.store if root == self.store.url else CheckpointStore(root, self.config.retries)
+        return Committed.open(store, name)
+
+    def load(self, checkpoint: Committed, engine) -> None:
+        """Load the engine's model and optimizer state from `checkpoint`; the sha256 of each
+        file is checked as it is read for loading (one pass over the bytes)."""
+        engine.load(checkpoint.store, checkpoint.name, "model_optim",
+                    expected=checkpoint.model_optim)  # fmt: skip

@@ -1,0 +1,58 @@
+"""DeepSpeed's checkpoint files are `torch.save` pickles, which DeepSpeed (and its
+`zero_to_fp32` consolidation) reads with `weights_only=False`: a forged file could run code.
+Every DeepSpeed read esmdist makes happens inside `torch_pickles_without_code()`, which forces
+torch's weights-only unpickler on every `torch.load` (whatever the caller asked) and allows,
+besides tensors and plain containers, exactly the three DeepSpeed types its files hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from collections.abc import Iterator
+
+import torch
+
+from esmdist.checkpoint.manifest import CheckpointError
+
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def deepspeed_globals() -> list:
+    """The non-torch types in DeepSpeed's ZeRO 1/2/3 checkpoint files (fp32 and bf16): the loss
+    scaler object, the ZeRO stage enum and the fragment addresses of optimizer state."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def refusal_reason(exc: Exception) -> str:
+    """The line of torch's weights-only error that names what the pickle asked for."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def torch_pickles_without_code(url: str) -> Iterator[None]:
+    """Inside: every torch.load is weights-only with DeepSpeed's three types allowed; a file
+    that names anything else fails with a CheckpointError naming `url`."""
+    saved = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            yield
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{url}: refusing to unpickle a DeepSpeed file: {refusal_reason(exc)} (only tensors, "
+            "containers and DeepSpeed's own state types are allowed; a checkpoint must not run "
+            "code)"
+        ) from None
+    finally:
+        if saved is None:
+            os.environ.pop(_FORCE, None)
+        else:
+            os.environ[_FORCE] = saved

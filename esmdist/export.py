@@ -1,0 +1,75 @@
+"""Full fp32 weights of a committed checkpoint, whatever engine and world size wrote it — for
+`esmdist export` and evaluation.
+
+Nothing in the checkpoint is executed (DCP metadata and values through allow-lists,
+DeepSpeed's pickles weights-only), and nothing is allocated from its config alone: the model is
+built on the meta device, its parameter shapes are compared with the tensors the checkpoint
+really holds, and only then materialised — a forged `config.json` asking for a huge model is an
+error naming the key, not an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esmdist.checkpoint import CheckpointError, Committed, open_checkpoint
+from esmdist.config import ModelSpec, build_section
+from esmdist.model import ESM, ModelConfig
+
+
+def _model_config(checkpoint: Committed) -> ModelConfig:
+    job = checkpoint.json("config.json")
+    url = checkpoint.store.url_of(checkpoint.name, "config.json")
+    if not isinstance(job, dict) or not isinstance(job.get("model"), dict):
+        raise CheckpointError(f"{url}: no [model] table")
+    try:
+        return build_section(ModelSpec, job["model"], "model.").build()
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{url}: {exc}") from None
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], model: ESM, url: str) -> None:
+    """The checkpoint's tensor shapes (by model key) against the model built from its config."""
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = sorted(k for k in wanted if k in shapes and shapes[k] != wanted[k])
+    missing = sorted(set(wanted) - set(shapes))
+    unexpected = sorted(set(shapes) - set(wanted))
+    if differ or missing or unexpected:
+        details = [f"{k}: stored {shapes[k]}, config gives {wanted[k]}" for k in differ[:3]]
+        details += [f"{k}: not stored" for k in missing[:3]]
+        details += [f"{k}: stored, not in the model" for k in unexpected[:3]]
+        raise CheckpointError(
+            f"{url}: config.json does not describe the tensors stored ({'; '.join(details)})"
+        )
+
+
+def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, full fp32 state dict) of the committed checkpoint at `where`."""
+    checkpoint = open_checkpoint(where)
+    config = _model_config(checkpoint)
+    train_state = checkpoint.json("train_state.json")
+    backend = train_state.get("backend") if isinstance(train_state, dict) else None
+    with torch.device("meta"):
+        skeleton = ESM(config)
+    if backend == "deepspeed":
+        from esmdist.checkpoint.deepspeed_files import zero_fp32_state
+
+        state = zero_fp32_state(checkpoint.store, checkpoint.name, "model_optim",
+                                expected=checkpoint.model_optim)  # fmt: skip
+        # The frozen contact regression is no optimizer parameter: DeepSpeed may leave it out
+        # of the fp32 state, and then its saved buffer values are in the module state.
+        frozen = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in state}
+        _check_shapes({**frozen, **{k: tuple(v.shape) for k, v in state.items()}}, skeleton,
+                      checkpoint.url)  # fmt: skip
+        model = ESM(config)
+        full = model.state_dict()
+        return config, {**{k: full[k] for k in frozen}, **{k: v.float() for k, v in state.items()}}
+    from esmdist.checkpoint.dcp import load_dcp, read_dcp_shapes
+
+    shapes = read_dcp_shapes(checkpoint.store, checkpoint.name, "model_optim",
+                             expected=checkpoint.model_optim, prefix="model.")  # fmt: skip
+    _check_shapes(shapes, skeleton, checkpoint.url)
+    wanted = {"model": ESM(config).state_dict()}
+    load_dcp(wanted, checkpoint.store, checkpoint.name, "model_optim",
+             expected=checkpoint.model_optim, ignored=("optim.",), no_dist=True)  # fmt: skip
+    return config, {k: v.float() for k, v in wanted["model"].items()}

@@ -1,0 +1,198 @@
+"""What a checkpoint holds besides model and optimizer: `train_state.json`, and what a resume
+must not change.
+
+The file is validated as strictly as a run config: a damaged or forged one (a step of 1e30,
+negative counters, wrong types, missing keys) is an error naming the file and the key, never a
+TypeError later or a run that trains on from nonsense. The LR schedule is not part of it: it is
+a function of the step and the run's config (`esmdist.optim`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from esmdist.config import ModelSpec, build_section
+from esmdist.data.order import OrderState
+
+if TYPE_CHECKING:
+    from esmdist.config import JobConfig
+
+BACKENDS = ("single", "ddp", "fsdp", "deepspeed")
+MAX_STEP = 10**12
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Keys older esmdist versions wrote that are no longer read.
+_RETIRED = {"schedule"}
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states as JSON-able lists (the loop's randomness is all seeded by the data
+    order; these restore anything else, e.g. dropout in a user's model variant)."""
+    state = {"cpu": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _integer(value: Any, key: str, low: int = 0, high: int = 2**63 - 1) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key}: expected an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _byte_list(value: Any, key: str, length: int | None) -> list[int]:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise ValueError(f"{key}: expected a list of {length or 'some'} bytes")
+    if not all(type(v) is int and 0 <= v < 256 for v in value):
+        raise ValueError(f"{key}: expected byte values (0-255)")
+    return value
+
+
+def _order_state(value: Any, key: str) -> dict:
+    """A merged data-loader state: {"order": OrderState dict, "rotations": [int]}."""
+    if not isinstance(value, dict) or set(value) != {"order", "rotations"}:
+        raise ValueError(f"{key}: expected a table with 'order' and 'rotations'")
+    order = value["order"]
+    if not isinstance(order, dict) or set(order) != {"seed", "slots", "consumed"}:
+        raise ValueError(f"{key}.order: expected seed, slots and consumed")
+    _integer(order["seed"], f"{key}.order.seed")
+    slots = order["slots"]
+    if not isinstance(slots, list) or not slots or len(slots) > 2**20:
+        raise ValueError(f"{key}.order.slots: expected a non-empty list")
+    for index, slot in enumerate(slots):
+        if not isinstance(slot, list) or len(slot) != 2:
+            raise ValueError(f"{key}.order.slots[{index}]: expected [epoch, read]")
+        _integer(slot[0], f"{key}.order.slots[{index}] epoch", 0, 10**9)
+        _integer(slot[1], f"{key}.order.slots[{index}] read")
+    consumed = order["consumed"]
+    if not isinstance(consumed, dict):
+        raise ValueError(f"{key}.order.consumed: expected a table")
+    for epoch, intervals in consumed.items():
+        if not epoch.isdigit() or not isinstance(intervals, list):
+            raise ValueError(f"{key}.order.consumed[{epoch!r}]: expected epoch: intervals")
+        previous = 0
+        for interval in intervals:
+            if not isinstance(interval, list) or len(interval) != 2:
+                raise ValueError(f"{key}.order.consumed[{epoch}]: expected [start, end) pairs")
+            start = _integer(interval[0], f"{key}.order.consumed[{epoch}]")
+            end = _integer(interval[1], f"{key}.order.consumed[{epoch}]")
+            if start < previous or end <= start:
+                raise ValueError(f"{key}.order.consumed[{epoch}]: expected sorted, disjoint "
+                                 "[start, end) intervals")  # fmt: skip
+            previous = end
+    rotations = value["rotations"]
+    if not isinstance(rotations, list) or not rotations:
+        raise ValueError(f"{key}.rotations: expected a non-empty list")
+    for rotation in rotations:
+        _integer(rotation, f"{key}.rotations", 0, len(slots))
+    OrderState.from_dict(order)
+    return value
+
+
+@dataclass
+class TrainState:
+    step: int
+    tokens_seen: int
+    skipped_steps: int
+    data: dict
+    """The data loader's resume state (`esmdist.data.stream.merge_rank_states`)."""
+    rng: dict
+    world_size: int
+    backend: str
+    wandb_run_id: str | None = None
+    dataset: str | None = None
+    """The training split's fingerprint (`ShardSet.fingerprint`); None in older checkpoints."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, url: str) -> TrainState:
+        """Validated; ValueError names `url` and the key."""
+        try:
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON table")
+            required = {"step", "tokens_seen", "skipped_steps", "data", "rng", "world_size",
+                        "backend"}  # fmt: skip
+            missing = sorted(required - set(data))
+            unknown = sorted(set(data) - required - {"wandb_run_id", "dataset"} - _RETIRED)
+            if missing:
+                raise ValueError(f"missing key(s) {', '.join(missing)}")
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)}")
+            step = _integer(data["step"], "step", 0, MAX_STEP)
+            rng = data["rng"]
+            if not isinstance(rng, dict) or "cpu" not in rng or set(rng) - {"cpu", "cuda"}:
+                raise ValueError("rng: expected a table with cpu (and cuda) states")
+            _byte_list(rng["cpu"], "rng.cpu", len(torch.get_rng_state()))
+            if "cuda" in rng:
+                _byte_list(rng["cuda"], "rng.cuda", None)
+            if data["backend"] not in BACKENDS:
+                raise ValueError(
+                    f"backend: {data['backend']!r} is not one of {', '.join(BACKENDS)}"
+                )
+            for key in ("wandb_run_id", "dataset"):
+                value = data.get(key)
+                if value is not None and not (isinstance(value, str) and _RUN_ID.match(value)):
+                    raise ValueError(f"{key}: expected an id of letters, digits, '-' and '_'")
+            return cls(
+                step=step,
+                tokens_seen=_integer(data["tokens_seen"], "tokens_seen"),
+                skipped_steps=_integer(data["skipped_steps"], "skipped_steps", 0, step),
+                data=_order_state(data["data"], "data"),
+                rng=rng,
+                world_size=_integer(data["world_size"], "world_size", 1, 2**20),
+                backend=data["backend"],
+                wandb_run_id=data.get("wandb_run_id"),
+                dataset=data.get("dataset"),
+            )
+        except ValueError as exc:
+            raise ValueError(f"{url}: {exc}") from None
+
+
+def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size: int,
+                       dataset: str | None) -> list[str]:  # fmt: skip
+    """What differs between this run and the checkpoint it would resume, among what must not
+    change across a resume: the model architecture, the data order's seed and dataset, the
+    checkpoint's engine family — and, for DeepSpeed ZeRO (no resharding), its stage, dtype and
+    world size. Each item names the key and both values."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        return ["config.json: no [model] table"]
+    try:
+        theirs = build_section(ModelSpec, saved["model"], "model.").build().to_dict()
+    except (ValueError, TypeError) as exc:
+        return [f"config.json: {exc}"]
+    differences = [f"model.{k}: checkpoint {theirs[k]!r}, this run {v!r}"
+                   for k, v in run.model.build().to_dict().items() if theirs.get(k) != v]  # fmt: skip
+    order_seed = state.data["order"]["seed"]
+    if order_seed != run.data.seed:
+        differences.append(f"data.seed: checkpoint {order_seed}, this run {run.data.seed}")
+    if state.dataset is not None and dataset is not None and state.dataset != dataset:
+        differences.append(f"data.path: the checkpoint was trained on another dataset "
+                           f"(fingerprint {state.dataset[:12]}…, this one {dataset[:12]}…)")  # fmt: skip
+    ours, theirs_backend = run.parallel.backend, state.backend
+    if (ours == "deepspeed") != (theirs_backend == "deepspeed"):
+        differences.append(f"parallel.backend: checkpoint {theirs_backend!r} (its files are "
+                           f"{'DeepSpeed' if theirs_backend == 'deepspeed' else 'DCP'}), "
+                           f"this run {ours!r}")  # fmt: skip
+    elif ours == "deepspeed":
+        parallel, train = saved.get("parallel", {}), saved.get("train", {})
+        for key, mine, stored in (
+            ("parallel.zero_stage", run.parallel.zero_stage, parallel.get("zero_stage")),
+            ("train.dtype", run.train.dtype, train.get("dtype")),
+            ("world size", world_size, state.world_size),
+        ):
+            if mine != stored:
+                differences.append(f"{key}: checkpoint {stored!r}, this run {mine!r} (a DeepSpeed "
+                                   "ZeRO checkpoint resumes only as it was saved; export it "
+                                   "with esmdist export for anything else)")  # fmt: skip
+    return differences
