@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -73,6 +74,14 @@ class Store:
                 delay = min(delay * 2, 30.0)
                 self.fs.invalidate_cache()
         raise AssertionError("unreachable")
+
+    @property
+    def location(self) -> tuple:
+        """What identifies the root however it was spelled (relative or absolute, `s3://a/`
+        or `s3://a`): the filesystem's protocol and its own path of the root."""
+        protocol = self.fs.protocol
+        root = self.root.rstrip("/") if self.remote else os.path.normpath(self.root)
+        return (protocol if isinstance(protocol, str) else protocol[0], root)
 
     @property
     def access_hint(self) -> str:
@@ -227,6 +236,55 @@ class Store:
             shutil.copyfile(local, staged)
             os.replace(staged, target)
             local.unlink()
+
+
+class HashingStream(io.RawIOBase):
+    """Bytes passing through to (`mode` "w") or from ("r") the stream `inner`, their sha256
+    and count taken on the way: a file verified or digested in the one pass that moves it."""
+
+    def __init__(self, inner, mode: str):
+        super().__init__()
+        self.inner, self.mode = inner, mode
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return self.mode == "r"
+
+    def writable(self) -> bool:
+        return self.mode == "w"
+
+    def _count(self, data) -> int:
+        self.sha.update(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        return size
+
+    def readinto(self, buffer) -> int:
+        data = self.inner.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return self._count(data)
+
+    def write(self, data) -> int:
+        self.inner.write(data)
+        return self._count(data)
+
+    def drain(self) -> None:
+        """Read (and hash) what is left."""
+        while self.read(1 << 20):
+            pass
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if self.writable():
+            self.inner.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes first
+            self.inner.close()
 
 
 def stream_sha256(handle) -> str:

@@ -137,9 +137,7 @@ class Checkpointer:
             if not committed:
                 return
             newest = step_name(committed[-1])
-            resumes_newest = where is not None and self._store_for(where) == (self.store.url,
-                                                                               newest)  # fmt: skip
-            if not resumes_newest:
+            if where is None or self._locate(where) != (self.store.location, newest):
                 source = "starts fresh" if where is None else f"resumes from {where}"
                 raise CheckpointError(
                     f"{self.store.url} holds checkpoints up to {newest}, but this run {source}: "
@@ -320,20 +318,23 @@ class Checkpointer:
             return step_name(committed[-1]) if committed else None
         return resume
 
-    def _store_for(self, where: str) -> tuple[str, str]:
-        """(root URL, step directory) of `where`, a step name under this root or a path."""
+    def _store_for(self, where: str) -> tuple[CheckpointStore, str]:
+        """(root, step directory) of `where`, a step name under this root or a path."""
         if STEP_DIR.match(where):
-            return self.store.url, where
+            return self.store, where
         root, _, name = where.rstrip("/").rpartition("/")
         if not STEP_DIR.match(name):
             raise CheckpointError(f"{where}: not a checkpoint directory (step_NNNNNNNNN)")
-        return CheckpointStore(root or ".").url, name
+        store = CheckpointStore(root or ".", self.config.retries)
+        return (self.store if store.location == self.store.location else store), name
+
+    def _locate(self, where: str) -> tuple[tuple, str]:
+        store, name = self._store_for(where)
+        return store.location, name
 
     def open(self, where: str) -> Committed:
         """The committed checkpoint `where`, its files checked against COMMITTED's list."""
-        root, name = self._store_for(where)
-        store = self.store if root == self.store.url else CheckpointStore(root, self.config.retries)
-        return Committed.open(store, name)
+        return Committed.open(*self._store_for(where))
 
     def load(self, checkpoint: Committed, engine) -> None:
         """Load the engine's model and optimizer state from `checkpoint`; the sha256 of each

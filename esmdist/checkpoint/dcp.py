@@ -15,7 +15,6 @@ does not load "partially" into a smaller one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import pickle
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from esmdist.checkpoint.manifest import COMMITTED, CheckpointError, safe_relative
 from esmdist.checkpoint.safe_load import refusal_reason
 from esmdist.checkpoint.scratch import local_scratch, remove_scratch
-from esmdist.storage import Digests, Store
+from esmdist.storage import Digests, HashingStream, Store
 
 STREAM_FILES = 8
 _DCP_FILE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -156,37 +155,6 @@ def dcp_failures(exc: Exception) -> list[str]:
     return sorted(set(found)) or [str(exc)]
 
 
-class _HashingStream(io.RawIOBase):
-    """A write stream that passes bytes through and takes their sha256 on the way."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.inner.write(data)
-        self.sha.update(data)
-        size = memoryview(data).nbytes
-        self.size += size
-        return size
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            super().close()  # flushes first
-            self.inner.close()
-
-
 def dcp_writer(store: Store, *parts: str):
     """A DCP writer of `store/parts`. Object storage: it streams each file to storage, taking
     its sha256 on the way (the checkpointer commits with those, no read-back); `.digests`
@@ -208,7 +176,7 @@ def dcp_writer(store: Store, *parts: str):
                 if "w" not in mode:
                     yield stream
                     return
-                hashing = _HashingStream(stream)
+                hashing = HashingStream(stream, "w")
                 yield hashing
             digests[os.path.basename(path)] = (hashing.size, hashing.sha.hexdigest())
 

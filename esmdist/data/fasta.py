@@ -2,11 +2,12 @@
 
 Reads plain, `.gz` (ISA-L's inflate, ~3x zlib) or `.zst` files, local or `s3://` (fsspec), in
 large blocks cut at record boundaries. A compressed input is read to its proper end of stream:
-one that ends early (a truncated download) is an error naming it, never a shorter dataset. The sharder parses a block as a whole into Arrow columns
-(`parse_block_table`: array operations, no Python per record) when the block is regular — the
-case for UniParc/UniProt/UniRef dumps — and falls back to the per-record parser
-(`parse_block`), which owns every normalisation and error, for a block that is not. Every
-problem names the file, the record number and the line.
+one that ends early (a truncated download) is an error naming it, never a shorter dataset.
+The sharder parses a block as a whole into Arrow columns (`parse_block_table`: array
+operations, no Python per record) when the block is regular — the case for UniParc/UniProt/
+UniRef dumps — and falls back to the per-record parser (`parse_block`), which owns every
+normalisation and error, for a block that is not. Every problem names the file, the record
+number and the line.
 
 What is normalised (and counted in the report) and what is a policy decision:
 - CRLF line ends and blanks/tabs inside sequence lines are removed (`whitespace_removed`);
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 import numpy as np
 
 from esmdist import alphabet
+from esmdist.storage import stream_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -158,10 +160,8 @@ def changed_inputs(recorded: list[dict]) -> list[str]:
             changed.append(f"{path}: {entry['bytes']} bytes then, {now['bytes']} now")
         elif now["modified"] != entry.get("modified"):
             with fsspec.open(path, "rb") as handle:
-                digest = hashlib.sha256()
-                while chunk := handle.read(16 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
+                digest = stream_sha256(handle)
+            if digest != entry["sha256"]:
                 changed.append(f"{path}: same size, other content (sha256 differs)")
     return changed
 

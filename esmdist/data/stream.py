@@ -2,9 +2,10 @@
 
 Shards are read with webdataset's own tar iteration (local paths, `s3://` through fsspec,
 `pipe:` URLs). A shard listed in a dataset's `shards.parquet` is checked as it is read — its
-size and sha256 (taken on the way, no second pass) against that table — and every sample's
-content against the format (`>id` / sequence line pairs, residues of the ESM alphabet): a
-changed, truncated or foreign shard is an error naming it (and the sample), never trained on. Which samples a (rank, dataloader worker) reads, and when, is the pure function
+sample count, size and sha256 (taken on the way, no second pass) against that table — and
+every sample's content against the format (`>id` / sequence line pairs, residues of the ESM
+alphabet): a changed, truncated or foreign shard is an error naming it (and the sample), never
+trained on. Which samples a (rank, dataloader worker) reads, and when, is the pure function
 of `esmdist.data.order`; every random draw (cluster member, crop window, masking) is seeded by
 where it happens in that order (seed, epoch, shard or position), never by time or pid. The
 state to resume from is a handful of integers per slot (`DataState`).
@@ -13,10 +14,9 @@ state to resume from is a handful of integers per slot (`DataState`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from esmdist import alphabet
 from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_specials
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
+from esmdist.storage import HashingStream
 
 MANIFEST = "manifest.json"
 SHARD_TABLE = "shards.parquet"
@@ -107,13 +108,13 @@ class ShardCheck:
 
 @dataclass
 class ShardSet:
-    """The shards of one split and their sample counts (and, from a sharded directory, the size
-    and sha256 each shard is checked against)."""
+    """The shards of one split, their sample counts, and what each is checked against as it is
+    read (from a sharded directory: also its size and sha256)."""
 
     urls: list[str]
     sizes: list[int]
     split: str
-    checks: list[ShardCheck | None] = field(default_factory=list)
+    checks: list[ShardCheck]
 
     @property
     def total(self) -> int:
@@ -123,9 +124,8 @@ class ShardSet:
     def fingerprint(self) -> str:
         """A digest of the split's content — shard names, sample counts and sha256s — that a
         resumed run compares with its checkpoint's: the same data wherever it is stored."""
-        rows = [[url.rsplit("/", 1)[-1], size, check.sha256 if check else None]
-                for url, size, check in zip(self.urls, self.sizes, self.checks or
-                                            [None] * len(self.urls), strict=True)]  # fmt: skip
+        rows = [[url.rsplit("/", 1)[-1], check.samples, check.sha256]
+                for url, check in zip(self.urls, self.checks, strict=True)]  # fmt: skip
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     @classmethod
@@ -175,8 +175,8 @@ class ShardSet:
         expanded = [u for url in urls for u in braceexpand.braceexpand(url)]
         if not expanded:
             raise DataError("no shard URLs given")
-        return cls(expanded, [len(read_shard(u)) for u in expanded], split,
-                   [None] * len(expanded))  # fmt: skip
+        sizes = [len(read_shard(u)) for u in expanded]
+        return cls(expanded, sizes, split, [ShardCheck(size) for size in sizes])
 
     @classmethod
     def open(cls, path: str, split: str) -> ShardSet:
@@ -188,36 +188,7 @@ class ShardSet:
         return cls.from_urls(urls, split)
 
     def read(self, shard: int) -> list[tuple[list[str], list[str]]]:
-        return read_shard(self.urls[shard], self.checks[shard] if self.checks else None)
-
-
-class _HashingReader(io.RawIOBase):
-    """A read stream that takes the sha256 and size of the bytes passing through."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.inner.read(len(buffer))
-        memoryview(buffer).cast("B")[: len(data)] = data
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def close(self) -> None:
-        if not self.closed:
-            super().close()
-            self.inner.close()
+        return read_shard(self.urls[shard], self.checks[shard])
 
 
 def _sample_members(url: str, key: str, text: bytes) -> tuple[list[str], list[str]]:
@@ -247,7 +218,7 @@ def read_shard(url: str, check: ShardCheck | None = None) -> list[tuple[list[str
         _register_s3()
     samples = []
     try:
-        stream = _HashingReader(wds.gopen(url, "rb"))
+        stream = HashingStream(wds.gopen(url, "rb"), "r")
         with stream:
             files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}],
                                                        handler=wds.reraise_exception)  # fmt: skip

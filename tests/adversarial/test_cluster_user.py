@@ -50,6 +50,10 @@ def test_one_root_holds_one_run(trained, small_shards, tmp_path):
         train(job(small_shards, tmp_path / "b", str(root),
                   f"--checkpoint.resume={root}/step_000000002", steps=6))  # fmt: skip
     assert CheckpointStore(str(root)).steps() == ([2, 4], [])  # nothing was pruned or written
+    # The newest checkpoint, however its path is spelled, is this root's own run: it continues.
+    newest = f"{os.path.relpath(root)}/./step_000000004"
+    train(job(small_shards, tmp_path / "c", str(root), f"--checkpoint.resume={newest}", steps=6))
+    assert CheckpointStore(str(root)).steps() == ([2, 4, 6], [])
 
 
 @contextlib.contextmanager
