@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -45,14 +46,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_splits(text: str) -> tuple[tuple[str, float], ...]:
+    """`valid=0.005,test=0.0` → (("valid", 0.005), ("test", 0.0)); train takes the rest."""
+    splits = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "train":
+            raise ValueError(
+                f"--split: {part!r} is not NAME=FRACTION with a lowercase name other than train"
+            )
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise ValueError(f"--split: {part!r}: {value!r} is not a number") from None
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"--split: {part!r}: the fraction must be in [0, 1)")
+        splits.append((name, fraction))
+    if sum(f for _, f in splits) >= 1.0:
+        raise ValueError(
+            "--split: held-out fractions must sum to less than 1 (train gets the rest)"
+        )
+    if len({n for n, _ in splits}) != len(splits):
+        raise ValueError("--split: a split name is repeated")
+    return tuple(splits)
+
+
+def parse_size(text: str) -> int:
+    """`256MB`, `1GiB`, `512k`, `1000` → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"--shard-size: cannot read {text!r}; write e.g. 256MB")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** "_kmgt".index(unit or "_"))
+
+
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from esmdist.data.shard import (
-        ShardOptions,
-        format_report,
-        parse_size,
-        parse_splits,
-        run_sharding,
-    )
+    from esmdist.shard import ShardOptions, format_report, run_sharding
 
     options = ShardOptions(
         inputs=tuple(args.inputs),

@@ -62,7 +62,7 @@ def s3_env(s3_server, monkeypatch):
 
 def make_shards(folder: Path, records, shard_samples: int, valid: float = 0.05) -> Path:
     """Shard `records` (real (header, sequence) pairs) into `folder/shards`."""
-    from esmdist.data.shard import ShardOptions, run_sharding
+    from esmdist.shard import ShardOptions, run_sharding
 
     source = folder / "in.fasta"
     source.write_text("".join(f">{h}\n{s}\n" for h, s in records))

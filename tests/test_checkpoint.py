@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from esmdist.checkpoint import COMMITTED, CheckpointStore
+from tests.checkpoints import tensors
 from tests.conftest import REPO, make_shards
 from tests.distributed import child_processes, free_port
 
@@ -75,18 +76,6 @@ def wait_for(store: CheckpointStore, step: int, process: subprocess.Popen) -> No
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
-
-
-def tensors(value, prefix=""):
-    """Every tensor inside nested dicts/lists, by path."""
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for key in sorted(value, key=str):
-            yield from tensors(value[key], f"{prefix}/{key}")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from tensors(item, f"{prefix}/{index}")
 
 
 def checkpoint_tensors(store: CheckpointStore, step: int, scratch: Path) -> dict[str, torch.Tensor]:

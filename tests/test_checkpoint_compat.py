@@ -14,23 +14,12 @@ from esmdist.parallel import build_engine
 from esmdist.parallel.distributed import DistInfo
 from esmdist.train import train
 from tests.adversarial.helpers import job
+from tests.checkpoints import tensors
 from tests.conftest import TEST_DATA, make_shards
 
 FIXTURE = TEST_DATA / "checkpoint-fa66926"
 SMALL = ("--model.overrides.num_layers=1", "--model.overrides.embed_dim=32",
          "--model.overrides.attention_heads=2")  # fmt: skip
-
-
-def tensors(value, prefix=""):
-    """Every tensor inside nested dicts/lists, by path."""
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for key in sorted(value, key=str):
-            yield from tensors(value[key], f"{prefix}/{key}")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from tensors(item, f"{prefix}/{index}")
 
 
 def test_an_earlier_checkpoint_loads_bit_for_bit_and_resumes(demo_records, tmp_path):

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from esmdist.data.fasta import FastaError, ReadReport, parse_header, read_fasta
+from esmdist.data.fasta import FastaError, ReadPolicy, ReadReport, parse_header, read_fasta
 from tests.conftest import TEST_DATA
 
 
@@ -175,8 +175,8 @@ def _both_parsers(path, **policy):
 
     slow, fast, slow_report, fast_report, regular = [], [], ReadReport(), ReadReport(), 0
     for block, record, line in fasta.raw_blocks(path):
-        args = (path, block, record, line, policy.get("on_invalid", "error"),
-                policy.get("min_length", 1), policy.get("max_length"))  # fmt: skip
+        args = (path, block, record, line, ReadPolicy(policy.get("on_invalid", "error"),
+                policy.get("min_length", 1), policy.get("max_length")))  # fmt: skip
         if not policy.get("table_only"):
             slow += [(r.id, r.sequence, r.number) for r in fasta.parse_block(*args, slow_report)]
         table = fasta.parse_block_table(*args, fast_report)

@@ -17,14 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from esmdist.data.shard import (
-    MANIFEST,
-    ShardError,
-    ShardOptions,
-    parse_size,
-    parse_splits,
-    run_sharding,
-)
+from esmdist.cli import parse_size, parse_splits
+from esmdist.shard import ShardError, ShardOptions, run_sharding
+from esmdist.shard.format import MANIFEST
 from tests.conftest import REPO
 from tests.distributed import child_processes
 
@@ -253,7 +248,7 @@ def test_workers_reading_whole_inputs_write_the_same_bytes(demo_records, tmp_pat
     """With three or more inputs and workers, each worker decompresses and parses whole inputs
     (UniParc's part files in parallel); one worker gets blocks cut by the main process. Same
     bytes, the same counts, and a bad record is named with the same record and line."""
-    from esmdist.data.shard import _reads_whole_inputs
+    from esmdist.shard.read import _reads_whole_inputs
 
     inputs = []
     for number, (start, end) in enumerate([(0, 300), (300, 500), (500, 520), (520, 900)]):
@@ -382,7 +377,7 @@ def test_fast_tar_members_equal_tarfile_output(demo_records):
     import numpy as np
     import pyarrow as pa
 
-    from esmdist.data.shard import member_fasta, tar_end, tar_members
+    from esmdist.shard.tar import member_fasta, tar_end, tar_members
 
     records = demo_records[:50]
     ids = [header.split()[0] for header, _ in records]
@@ -454,7 +449,7 @@ def test_key_hash_matches_its_definition_and_spreads(demo_records):
     import numpy as np
     import pyarrow as pa
 
-    from esmdist.data.shard import key_hashes
+    from esmdist.shard.format import key_hashes
 
     edge = ["UPI0000000001", "", "sp|P69905|HBA_HUMAN", "é" * 9]
     hi, lo = key_hashes(0, pa.array(edge))

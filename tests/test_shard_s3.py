@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from esmdist.data.shard import MANIFEST, ShardError, ShardOptions, run_sharding
+from esmdist.shard import ShardError, ShardOptions, run_sharding
+from esmdist.shard.format import MANIFEST
 from tests.conftest import REPO
 from tests.s3server import SECRET_KEY
 

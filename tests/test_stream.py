@@ -16,7 +16,6 @@ import torch
 from esmdist import alphabet
 from esmdist.data.batch import MaskingConfig, mask_tokens
 from esmdist.data.order import EpochOrder, OrderState
-from esmdist.data.shard import ShardOptions, run_sharding
 from esmdist.data.stream import (
     DataConfig,
     DataError,
@@ -28,6 +27,7 @@ from esmdist.data.stream import (
     slot_sequences,
     validation_batches,
 )
+from esmdist.shard import ShardOptions, run_sharding
 from tests.conftest import REPO, make_shards
 
 

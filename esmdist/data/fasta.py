@@ -1,9 +1,7 @@
 """Streaming FASTA reader with validation, for UniParc / UniProtKB / UniRef dumps.
 
-Reads plain, `.gz` (ISA-L's inflate, ~3x zlib) or `.zst` files, local or `s3://` (fsspec), in
-large blocks cut at record boundaries. A compressed input is read to its proper end of stream:
-one that ends early (a truncated download) is an error naming it, never a shorter dataset.
-The sharder parses a block as a whole into Arrow columns (`parse_block_table`: array
+Reads inputs (`esmdist.data.inputs`: plain, `.gz` or `.zst`, local or `s3://`, each to its
+proper end of stream) in large blocks cut at record boundaries. The sharder parses a block as a whole into Arrow columns (`parse_block_table`: array
 operations, no Python per record) when the block is regular — the case for UniParc/UniProt/
 UniRef dumps — and falls back to the per-record parser (`parse_block`), which owns every
 normalisation and error, for a block that is not. Every problem names the file, the record
@@ -21,30 +19,27 @@ What is normalised (and counted in the report) and what is a policy decision:
   with `X`; the problems of the header or an empty sequence are still errors);
 - `min_length`/`max_length` are filters the user asked for: records outside are counted
   (`too_short`/`too_long`), never errors.
+The three together are a `ReadPolicy`.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import re
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from esmdist import alphabet
-from esmdist.storage import stream_sha256
+from esmdist.data.inputs import FastaError, InputFile
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 OnInvalid = Literal["error", "skip", "map-x"]
 BLOCK_BYTES = 8 << 20
-ZSTD_READ_BYTES = 1 << 20
 
 _VALID = alphabet.RESIDUE_SYMBOLS.encode()
 _WHITESPACE = b"\r \t\v\f"
@@ -55,8 +50,13 @@ _UNIREF_FIELD = re.compile(r"(n|Tax|TaxID|RepID)=(.*?)(?=\s+(?:n|Tax|TaxID|RepID
 _UNIPROT_FIELD = re.compile(r"\b(OS|OX|GN|PE|SV)=(.*?)(?=\s+(?:OS|OX|GN|PE|SV)=|$)")
 
 
-class FastaError(ValueError):
-    """Bad FASTA input; the message names the file, record number and line."""
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What reading does with records that are not clean, and which lengths it keeps."""
+
+    on_invalid: OnInvalid = "error"
+    min_length: int = 1
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,173 +115,6 @@ def parse_header(header: str) -> tuple[str, dict[str, str]]:
     return first, {"description": rest} if rest else {}
 
 
-def input_error(path: str, exc: OSError) -> FastaError:
-    """What went wrong opening or sizing input `path`, in words that name it and the fix."""
-    if isinstance(exc, FileNotFoundError):
-        return FastaError(f"{path}: input does not exist")
-    if isinstance(exc, PermissionError):
-        return FastaError(
-            f"{path}: access denied — check the AWS credentials/endpoint in the environment ({exc})"
-        )
-    return FastaError(f"{path}: cannot open input ({exc})")
-
-
-def input_stat(path: str) -> dict:
-    """The stored size and modification stamp of input `path` (local mtime, or the object
-    store's LastModified and ETag): what tells a rerun that an input changed."""
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(path)
-        info = fs.info(root)
-    except OSError as exc:
-        raise input_error(path, exc) from None
-    if info.get("type") == "directory":
-        raise FastaError(f"{path}: is a directory, not an input file")
-    stamp = info.get("mtime") or " ".join(str(info.get(k, "")) for k in ("LastModified", "ETag"))
-    return {"bytes": int(info["size"]), "modified": str(stamp).strip()}
-
-
-def changed_inputs(recorded: list[dict]) -> list[str]:
-    """Which of the inputs `recorded` (`InputFile.identity()` when they were read) differ now,
-    each with how: another size; else, when the stamp changed too, a sha256 of the stored bytes
-    decides (a copy or a `touch` is not a change)."""
-    import fsspec
-
-    changed = []
-    for entry in recorded:
-        path = entry["path"]
-        try:
-            now = input_stat(path)
-        except FastaError as exc:
-            changed.append(str(exc))
-            continue
-        if now["bytes"] != entry["bytes"]:
-            changed.append(f"{path}: {entry['bytes']} bytes then, {now['bytes']} now")
-        elif now["modified"] != entry.get("modified"):
-            with fsspec.open(path, "rb") as handle:
-                digest = stream_sha256(handle)
-            if digest != entry["sha256"]:
-                changed.append(f"{path}: same size, other content (sha256 differs)")
-    return changed
-
-
-class InputFile:
-    """A local or fsspec (`s3://…`) input opened for streaming, decompressed by suffix
-    (`.gz`, `.zst`), with a sha256 of the stored (compressed) bytes taken as they are read and
-    the size and stamp (`input_stat`) it had when opened."""
-
-    def __init__(self, path: str):
-        import fsspec
-
-        self.path = path
-        self.sha256 = hashlib.sha256()
-        self.stored_bytes = 0
-        self.stat = input_stat(path)
-        try:
-            self._raw = fsspec.open(path, "rb").open()
-        except OSError as exc:
-            raise input_error(path, exc) from None
-        name = path.lower()
-        if name.endswith(".gz"):
-            from isal import igzip
-
-            self._stream: BinaryIO = igzip.IGzipFile(fileobj=self, mode="rb")
-        elif name.endswith((".zst", ".zstd")):
-            self._stream = _ZstdFrames(self)
-        else:
-            self._stream = self
-
-    def identity(self) -> dict:
-        """What was read: path, stored bytes, their sha256 and the stamp; an input that changed
-        while it was read is an error."""
-        if self.stored_bytes != self.stat["bytes"]:
-            raise FastaError(
-                f"{self.path}: {self.stored_bytes} bytes read but {self.stat['bytes']} stored: "
-                "the input changed while it was read"
-            )
-        return {"path": self.path, "bytes": self.stored_bytes,
-                "sha256": self.sha256.hexdigest(), "modified": self.stat["modified"]}  # fmt: skip
-
-    def read(self, size: int = -1) -> bytes:
-        """Stored bytes (used by the decompressor, or directly for plain files)."""
-        try:
-            data = self._raw.read(size)
-        except PermissionError as exc:
-            raise FastaError(f"{self.path}: access denied while reading ({exc})") from None
-        self.sha256.update(data)
-        self.stored_bytes += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        memoryview(buffer).cast("B")[: len(data)] = data
-        return len(data)
-
-    def read_decompressed(self, size: int) -> bytes:
-        try:
-            return self._stream.read(size)
-        except (EOFError, gzip.BadGzipFile, zlib.error, _isal_error()) as exc:
-            raise FastaError(
-                f"{self.path}: compressed stream is corrupt or truncated ({exc}); "
-                "re-download the file"
-            ) from None
-        except Exception as exc:
-            if type(exc).__name__ == "ZstdError":
-                raise FastaError(
-                    f"{self.path}: zstd stream is corrupt or truncated ({exc})"
-                ) from None
-            raise
-
-    def close(self) -> None:
-        self._raw.close()
-
-    def __enter__(self) -> InputFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _ZstdFrames:
-    """The decompressed bytes of zstd frames one after another (as `zstd` and `pzstd` write
-    them), to the end of the last one: input that ends inside a frame is an error."""
-
-    def __init__(self, raw: InputFile):
-        import zstandard
-
-        self.raw, self.context = raw, zstandard.ZstdDecompressor()
-        self.frame = None
-        self.unused = b""
-        self.buffer = bytearray()
-
-    def read(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            data = self.unused or self.raw.read(ZSTD_READ_BYTES)
-            self.unused = b""
-            if not data:
-                if self.frame is not None:
-                    raise FastaError(
-                        f"{self.raw.path}: zstd stream is truncated (the input ends inside a "
-                        "frame); re-download the file"
-                    )
-                break
-            if self.frame is None:
-                self.frame = self.context.decompressobj()
-            self.buffer += self.frame.decompress(data)
-            if self.frame.eof:
-                self.unused, self.frame = self.frame.unused_data, None
-        out = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return out
-
-
-def _isal_error() -> type[Exception]:
-    from isal import isal_zlib
-
-    return isal_zlib.error
-
-
 def record_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[bytes, int]]:
     """(block, lines before it not in any block): the file's bytes cut at record boundaries,
     each block holding whole records and starting with '>'. Only the first block can follow
@@ -337,13 +170,12 @@ def parse_block(
     block: bytes,
     first_record: int,
     first_line: int,
-    on_invalid: OnInvalid = "error",
-    min_length: int = 1,
-    max_length: int | None = None,
+    policy: ReadPolicy = ReadPolicy(),
     report: ReadReport | None = None,
 ) -> Iterator[FastaRecord]:
     """Validate and yield the records of one block from `raw_blocks`."""
     report = report if report is not None else ReadReport()
+    on_invalid, min_length, max_length = policy.on_invalid, policy.min_length, policy.max_length
     line = first_line
     for number, raw in enumerate(block[1:].split(b"\n>"), start=first_record):
         header_bytes, _, body = raw.partition(b"\n")
@@ -420,10 +252,9 @@ def read_fasta(
     report: ReadReport | None = None,
 ) -> Iterator[FastaRecord]:
     """Every valid record of `path`, in file order."""
+    policy = ReadPolicy(on_invalid, min_length, max_length)
     for block, first_record, first_line in raw_blocks(str(path)):
-        yield from parse_block(
-            str(path), block, first_record, first_line, on_invalid, min_length, max_length, report
-        )
+        yield from parse_block(str(path), block, first_record, first_line, policy, report)
 
 
 RECORD_COLUMNS = ("id", "sequence", "record")
@@ -438,9 +269,7 @@ def parse_block_table(
     block: bytes,
     first_record: int,
     first_line: int,
-    on_invalid: OnInvalid = "error",
-    min_length: int = 1,
-    max_length: int | None = None,
+    policy: ReadPolicy = ReadPolicy(),
     report: ReadReport | None = None,
 ) -> pa.Table:
     """The valid records of one block from `raw_blocks` as Arrow columns `RECORD_COLUMNS`
@@ -456,8 +285,7 @@ def parse_block_table(
     report = report if report is not None else ReadReport()
     table = _regular_block_table(block, first_record) if b"\r" not in block else None
     if table is None:
-        records = list(parse_block(path, block, first_record, first_line, on_invalid,
-                                   min_length, max_length, report))  # fmt: skip
+        records = list(parse_block(path, block, first_record, first_line, policy, report))
         return pa.table(
             {
                 "id": pa.array([r.id for r in records], pa.string()),
@@ -466,8 +294,10 @@ def parse_block_table(
             }
         )
     lengths = pc.binary_length(table.column("sequence")).to_numpy()
-    too_short = lengths < min_length
-    too_long = ~too_short & (lengths > max_length if max_length is not None else False)
+    too_short = lengths < policy.min_length
+    too_long = ~too_short & (
+        lengths > policy.max_length if policy.max_length is not None else False
+    )
     for reason, dropped in (("too_short", too_short), ("too_long", too_long)):
         if dropped.any():
             report.skipped[reason] += int(dropped.sum())

@@ -24,12 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from esmdist import alphabet
 from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_specials
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
+from esmdist.shard.format import MANIFEST, SHARD_TABLE, SUPPORTED_FORMATS
 from esmdist.storage import HashingStream
 
-MANIFEST = "manifest.json"
-SHARD_TABLE = "shards.parquet"
-# Version 1 differed only in how sample keys and splits were hashed (blake2b): same layout.
-SUPPORTED_FORMATS = (1, 2)
 _RESIDUES = alphabet.RESIDUE_SYMBOLS.encode()
 
 

@@ -148,7 +148,7 @@ def test_a_killed_sharder_leaves_no_worker_and_no_lock(tmp_path):
             return False
 
     wait_until(lambda: not any(alive(pid) for pid in running), 5, "every worker exits")
-    from esmdist.data.shard import _work_lock
+    from esmdist.shard.run import work_lock
 
-    with _work_lock(out / "_work"):  # the kernel released the dead run's lock
+    with work_lock(out / "_work"):  # the kernel released the dead run's lock
         pass
