@@ -161,13 +161,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="esmdist",
-        description="Distributed pretraining of ESM-2 / ESM-1b protein language models.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_export(sub) -> None:
     export = sub.add_parser(
         "export",
         help="convert a model to Hugging Face or fair-esm format",
@@ -184,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output directory (hf) or .pt file (fair-esm)")
     export.set_defaults(func=_cmd_export)
 
+
+def _add_shard(sub) -> None:
     shard = sub.add_parser(
         "shard",
         help="FASTA (+ cluster table) → webdataset shards + parquet index + manifest",
@@ -223,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--keep-work", action="store_true", help="keep the work directory")
     shard.set_defaults(func=_cmd_shard)
 
+
+def _add_eval(sub) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)
 
@@ -257,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
     pppl.add_argument("--limit", type=int, default=16, help="score the first N sequences")
     pppl.set_defaults(func=_cmd_eval_pppl)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esmdist",
+        description="Distributed pretraining of ESM-2 / ESM-1b protein language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_export, _add_shard, _add_eval):
+        add(sub)
     return parser
 
 
