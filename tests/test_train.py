@@ -225,22 +225,37 @@ def test_srun_environment_maps_to_torch_distributed(monkeypatch):
     assert os.environ["MASTER_ADDR"] == "gpu-a17" and os.environ["MASTER_PORT"] == str(20000 + 4242)
 
 
-def test_activation_checkpointing_and_compile_train_the_same(shards, tmp_path):
-    """Recomputation gives the same gradients (to fp32 reordering); torch.compile'd blocks too."""
-    from esmdist.train import train
+def test_activation_checkpointing_and_compile_give_the_same_gradients(shards):
+    """Recomputing activations in backward, and torch.compile'd blocks, give the plain model's
+    gradient up to fp32 reassociation, on a real packed batch: the relative L2 distance of the
+    whole gradient must stay under 1e-5. Reassociation moves it by ~1e-7–1e-6 in a model this
+    small, whatever the host's vector ISA; a wrong gradient (a lost term, another mask, a
+    changed scale of 1e-3) moves it by 1e-3 or more. Parameters after AdamW steps would not
+    do: Adam divides by √v, so the reordering noise of near-zero gradients becomes parameter
+    changes up to lr per step, depending on the machine (1.7e-5 was seen against a 1e-5 bound)."""
+    import torch.nn.functional as F
 
-    def final(**extra):
-        args = overrides(shards, tmp_path / ("-".join(extra) or "plain"), **{
-            "parallel.backend": "single", "train.max_steps": 3, "optim.warmup_steps": 1,
-            "train.valid_every": 0, "train.tokens_per_step": 2048, **extra})  # fmt: skip
-        _, engine = train(load_config(REPO / "configs/debug-cpu.toml", args))
-        return engine.full_state_dict()
+    from esmdist.data.stream import ShardSet, TrainLoader
+    from esmdist.parallel import build_engine
+    from esmdist.parallel.distributed import DistInfo
 
-    plain = final()
+    def config(**extra):
+        return load_config(REPO / "configs/debug-cpu.toml", overrides(
+            shards, "unused", **{"parallel.backend": "single", **extra}))  # fmt: skip
+
+    plain_config = config()
+    batch = next(iter(TrainLoader(ShardSet.open(str(shards), "train"), plain_config.data)))
+
+    def gradient(job) -> torch.Tensor:
+        engine = build_engine(job, job.model.build(), DistInfo(0, 1, 0, torch.device("cpu")))
+        logits = engine.model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
+        F.cross_entropy(logits.float(), batch.targets, reduction="sum").backward()
+        return torch.cat([p.grad.flatten() for p in engine.params])
+
+    plain = gradient(plain_config)
     for variant in ({"train.activation_checkpointing": True}, {"train.compile": True}):
-        state = final(**variant)
-        diff = max((state[k] - plain[k]).abs().max().item() for k in plain)
-        assert diff < 1e-5, (variant, diff)
+        distance = ((gradient(config(**variant)) - plain).norm() / plain.norm()).item()
+        assert distance < 1e-5, (variant, distance)
 
 
 def test_fsdp_builds_on_meta_and_trains(shards, tmp_path):
