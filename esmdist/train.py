@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, CheckpointError, Committed, step_name
+from esmdist.collectives import all_reduce_max, all_reduce_sum, gather_objects
 from esmdist.config import JobConfig, load_config
 from esmdist.data.stream import (
     DataError,
@@ -35,7 +36,6 @@ from esmdist.data.stream import (
 from esmdist.eval.perplexity import masked_perplexity
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
 from esmdist.parallel import DistInfo, Engine, build_engine, init_distributed
-from esmdist.parallel.distributed import all_reduce_sum
 from esmdist.signals import StopRequest, stop_request
 from esmdist.storage import StorageError
 from esmdist.train_state import TrainState, resume_differences, rng_state, set_rng_state
@@ -58,14 +58,6 @@ def stop_agreed(stop: StopRequest) -> bool:
     """True on every rank as soon as any rank got a stop signal (checked once per step)."""
     flag = all_reduce_sum(torch.tensor([1.0 if stop.requested else 0.0]))
     return bool(flag.item())
-
-
-def gather_objects(value) -> list:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, value)
-        return out
-    return [value]
 
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
@@ -335,9 +327,7 @@ def validate(engine: Engine, shards: ShardSet, config: JobConfig, info: DistInfo
     Sharded engines need every rank in every forward, so ranks with fewer batches repeat their
     first one (unscored) until all ranks are done."""
     batches = list(validation_batches(shards, config.data, info.rank, info.world_size))
-    rounds = torch.tensor([len(batches)])
-    if dist.is_initialized():
-        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    rounds = all_reduce_max(torch.tensor([len(batches)]))
     engine.model.eval()
     with engine.autocast():
         ppl, count = masked_perplexity(engine.model, batches)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from esmdist.checkpoint.dcp import dcp_failures
@@ -41,6 +40,13 @@ from esmdist.checkpoint.manifest import (
 )
 from esmdist.checkpoint.scratch import local_scratch
 from esmdist.checkpoint.upload import Upload
+from esmdist.collectives import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    rank_world,
+)
 from esmdist.storage import Digests, Store
 
 
@@ -71,30 +77,17 @@ class CheckpointConfig:
             raise ValueError("checkpoint.resume: give auto, none or a checkpoint path")
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _on_every_rank(action) -> None:
     """Run `action` on rank 0; if it raises CheckpointError, every rank raises it."""
-    rank, _ = _rank_world()
-    message = [None]
-    if rank == 0:
+    message = None
+    if rank_world()[0] == 0:
         try:
             action()
         except CheckpointError as exc:
-            message[0] = str(exc)
-    if dist.is_initialized():
-        dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise CheckpointError(message[0])
+            message = str(exc)
+    message = broadcast_object(message)
+    if message is not None:
+        raise CheckpointError(message)
 
 
 def version_info() -> dict[str, str]:
@@ -174,7 +167,7 @@ class Checkpointer:
         first waits for it. A crash in between leaves it uncommitted, and the
         previous one stays the latest."""
         self.wait()
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         name = step_name(step)
 
         def clear() -> None:
@@ -232,9 +225,7 @@ class Checkpointer:
         if upload.is_alive():
             upload.join()
         self.pending = None
-        failed = torch.tensor([0.0 if upload.error is None else 1.0])
-        if dist.is_initialized():
-            dist.all_reduce(failed)
+        failed = all_reduce_sum(torch.tensor([0.0 if upload.error is None else 1.0]))
         if failed.item():
             raise CheckpointError(
                 f"{self.store.url_of(name)}: upload failed on {int(failed.item())} rank(s)"
@@ -244,10 +235,10 @@ class Checkpointer:
         self._finish(name, upload.digests)
 
     def _finish(self, name: str, uploaded: Digests) -> None:
-        rank, world = _rank_world()
-        _barrier()
+        rank, world = rank_world()
+        barrier()
         self._commit(name, rank, world, {**uploaded, **self.written})
-        _barrier()
+        barrier()
         if rank == 0:
             self.prune()
 
@@ -255,29 +246,20 @@ class Checkpointer:
         """Rank 0 writes COMMITTED with the size and sha256 of every file in the checkpoint:
         those each rank hashed as it wrote them (`known`), the rest hashed now, a share per
         rank. A listed size that differs from what was written fails the save."""
-        listing = [self.store.files(name) if rank == 0 else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(listing, src=0)
-        known_parts = [known]
-        if dist.is_initialized():
-            known_parts = [None] * world
-            dist.all_gather_object(known_parts, known)
-        known = {f: v for part in known_parts for f, v in part.items()}
-        rest = [(f, size) for f, size in sorted(listing[0].items()) if f not in known]
+        listing = broadcast_object(self.store.files(name) if rank == 0 else None)
+        known = {f: v for part in gather_objects(known) for f, v in part.items()}
+        rest = [(f, size) for f, size in sorted(listing.items()) if f not in known]
         mine = {f: (size, self.store.sha256(name, f)) for i, (f, size) in enumerate(rest)
                 if i % world == rank}  # fmt: skip
-        hashed = [mine]
-        if dist.is_initialized():
-            hashed = [None] * world
-            dist.all_gather_object(hashed, mine)
+        hashed = gather_objects(mine)
 
         def commit() -> None:
             manifest = {**known, **{f: v for part in hashed for f, v in part.items()}}
-            for file, size in listing[0].items():
+            for file, size in listing.items():
                 if manifest[file][0] != size:
                     raise CheckpointError(f"{self.store.url_of(name, file)}: {size} bytes "
                                           f"stored, {manifest[file][0]} written")  # fmt: skip
-            missing = sorted(set(manifest) - set(listing[0]))
+            missing = sorted(set(manifest) - set(listing))
             if missing:
                 raise CheckpointError(f"{self.store.url_of(name)}: written but not stored: "
                                       + ", ".join(missing))  # fmt: skip

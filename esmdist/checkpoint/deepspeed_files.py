@@ -7,11 +7,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch.distributed as dist
-
 from esmdist.checkpoint.manifest import CheckpointError
 from esmdist.checkpoint.safe_load import torch_pickles_without_code
 from esmdist.checkpoint.scratch import local_scratch, remove_scratch
+from esmdist.collectives import gather_objects
 from esmdist.storage import Digests
 
 DEEPSPEED_TAG = "deepspeed"
@@ -31,10 +30,7 @@ def verified_local_copy(store, *parts: str, expected: Digests) -> Iterator[str]:
                 store.check_file(expected, *parts, name, copy_to=copy_to)
         except CheckpointError as exc:
             problems.append(str(exc))
-        if dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, problems)
-            problems = sorted({p for part in gathered for p in part})
+        problems = sorted({p for part in gather_objects(problems) for p in part})
         if problems:
             raise CheckpointError("; ".join(problems))
         yield str(scratch) if store.remote else store.path(*parts)

@@ -52,18 +52,18 @@ class EpochOrder:
 
     def locate(self, position: int) -> tuple[int, int]:
         """(shard, sample index in the shard) at `position` of the epoch's order."""
-        slot = int(np.searchsorted(self.starts, position, side="right")) - 1
-        shard = int(self.shards[slot])
-        return shard, int(self.within(shard)[position - self.starts[slot]])
+        place = int(np.searchsorted(self.starts, position, side="right")) - 1  # in shard order
+        shard = int(self.shards[place])
+        return shard, int(self.within(shard)[position - self.starts[place]])
 
     def runs(self, start: int, end: int):
         """(shard, sample indices) for positions [start, end), one item per shard touched."""
         position = start
         while position < end:
-            slot = int(np.searchsorted(self.starts, position, side="right")) - 1
-            shard = int(self.shards[slot])
-            stop = min(end, int(self.starts[slot + 1]))
-            offset = position - int(self.starts[slot])
+            place = int(np.searchsorted(self.starts, position, side="right")) - 1
+            shard = int(self.shards[place])
+            stop = min(end, int(self.starts[place + 1]))
+            offset = position - int(self.starts[place])
             yield shard, self.within(shard)[offset : offset + stop - position]
             position = stop
 

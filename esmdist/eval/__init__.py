@@ -1,1 +1,2 @@
-"""Evaluation tools: perplexity (masked and pseudo-), contacts, variant effects, embeddings."""
+"""Evaluation: masked-LM perplexity on a held-out split, pseudo-perplexity of sequences, and the
+unigram baseline both are read against (`perplexity.py`)."""

@@ -87,9 +87,3 @@ def init_distributed(backend: str) -> DistInfo:
         # Adopts the process group made above.
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, device)
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-    return value
