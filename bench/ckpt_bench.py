@@ -17,13 +17,11 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -45,9 +43,9 @@ def main() -> None:
     from esmdist.checkpoint import CheckpointConfig, Checkpointer
     from esmdist.config import load_config
     from esmdist.data.batch import MaskingConfig, pack
-    from esmdist.parallel import build_engine
     from esmdist.parallel.distributed import DistInfo
-    from tests.s3server import SeaweedS3
+    from esmdist.testing.s3server import SeaweedS3
+    from esmdist.train import engine_for
 
     scratch = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     server = SeaweedS3(scratch / "s3", nice=args.server_nice)
@@ -63,7 +61,7 @@ def main() -> None:
                                     "--train.max_steps=1000", "--optim.warmup_steps=10",
                                     f"--train.dtype={dtype}"])  # fmt: skip
         info = DistInfo(0, 1, 0, device)
-        engine = build_engine(config, config.model.build(), info)
+        engine = engine_for(config, info)
         records = (REPO / "data/demo_4k.fasta").read_text().split(">")[1:]
         sequences, total = [], 0
         for record in records:
@@ -87,7 +85,9 @@ def main() -> None:
             return time.perf_counter() - start
 
         step()  # creates the Adam moments
-        state_bytes = sum(t.numel() * t.element_size() for t in engine._state()["model"].values())
+        state_bytes = sum(
+            t.numel() * t.element_size() for t in engine.checkpoint_state()["model"].values()
+        )
         state_bytes *= 3  # parameters + exp_avg + exp_avg_sq
 
         blob = scratch / "raw.bin"

@@ -158,8 +158,8 @@ def time_steps(engine, tokens, cu_seqlens, selected, targets, steps: int) -> flo
 def throughput(sizes: list[str], tokens: int, steps: int) -> list[dict]:
     from esmdist.config import load_config
     from esmdist.metrics import batch_flops, peak_tflops
-    from esmdist.parallel import build_engine
     from esmdist.parallel.distributed import DistInfo
+    from esmdist.train import engine_for
 
     cuda = torch.device("cuda")
     pool = real_sequences(4000, seed=1)
@@ -177,7 +177,7 @@ def throughput(sizes: list[str], tokens: int, steps: int) -> list[dict]:
                                     "--train.dtype=bf16", f"--data.max_tokens={tokens}",
                                     f"--train.tokens_per_step={tokens}"])  # fmt: skip
         model_config = MODEL_SIZES[size]
-        engine = build_engine(config, config.model.build(), DistInfo(0, 1, 0, cuda))
+        engine = engine_for(config, DistInfo(0, 1, 0, cuda))
         flops = batch_flops(model_config, batch.cu_seqlens.diff(), int(batch.selected.sum()))
         peak = peak_tflops(0.0, "bf16", cuda)
         on_gpu = batch.to(cuda)

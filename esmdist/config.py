@@ -20,6 +20,9 @@ from typing import Any, Literal
 from esmdist.checkpoint import CheckpointConfig
 from esmdist.data.stream import DataConfig
 from esmdist.model.config import MODEL_SIZES, ModelConfig
+from esmdist.optim import OptimConfig
+from esmdist.parallel.config import ParallelConfig
+from esmdist.ranges import check_range
 
 
 @dataclass(frozen=True)
@@ -45,40 +48,6 @@ class ModelSpec:
         return ModelConfig.from_dict({**base, **changed})
 
 
-def _check_range(section: str, key: str, value: float, low: float, high: float = math.inf,
-                 low_open: bool = False) -> None:  # fmt: skip
-    """ValueError naming `section.key` unless low ≤ value ≤ high (low < value if `low_open`)."""
-    if value < low or value > high or (low_open and value == low):
-        bound = f"above {low}" if low_open else f"at least {low}"
-        if high != math.inf:
-            bound = f"in {'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{section}.{key} must be {bound}, got {value}")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 4e-4
-    """Peak learning rate (ESM-2: 4e-4; 1.6e-4 for 15B)."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 2000
-    final_lr_fraction: float = 0.1
-    """Linear decay after warm-up down to this fraction of the peak at train.max_steps."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0: no clipping)."""
-
-    def __post_init__(self) -> None:
-        _check_range("optim", "lr", self.lr, 0.0, low_open=True)
-        for beta in self.betas:
-            _check_range("optim", "betas", beta, 0.0, 0.999999)
-        _check_range("optim", "eps", self.eps, 0.0, low_open=True)
-        _check_range("optim", "weight_decay", self.weight_decay, 0.0)
-        _check_range("optim", "warmup_steps", self.warmup_steps, 0)
-        _check_range("optim", "final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
-        _check_range("optim", "grad_clip", self.grad_clip, 0.0)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 500_000
@@ -100,28 +69,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key, low in (("max_steps", 1), ("tokens_per_step", 1), ("seed", 0), ("log_every", 1),
                          ("valid_every", 0), ("max_bad_steps", 1)):  # fmt: skip
-            _check_range("train", key, getattr(self, key), low)
+            check_range("train", key, getattr(self, key), low)
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    backend: Literal["single", "ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage (1, 2 or 3)."""
-    cpu_offload: bool = False
-    """DeepSpeed: keep optimizer state in CPU memory."""
-    meta_init: bool = False
-    """FSDP: build on the meta device and initialise each shard in place (for sizes that do not
-    fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
-    peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        _check_range("parallel", "peak_tflops", self.peak_tflops, 0.0)
 
 
 @dataclass(frozen=True)
@@ -145,8 +95,16 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def checkpoint_root(self) -> str:
+        """checkpoint.root, or by default `{train.output_dir}/checkpoints`."""
+        return self.checkpoint.root or str(Path(self.train.output_dir) / "checkpoints")
+
     def check(self, world_size: int) -> None:
-        """Consistency that depends on the launch: raises naming the keys to change."""
+        """What a run needs beyond each section's own checks, some of it depending on the
+        launch: raises naming the keys to change."""
+        if not self.data.path:
+            raise ValueError("data.path is empty: point it at a directory written by esmdist shard")
         per_step = self.data.max_tokens * world_size
         if self.train.tokens_per_step % per_step:
             raise ValueError(

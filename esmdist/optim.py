@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule: linear warm-up, then linear decay.
+"""AdamW and the learning-rate schedule (linear warm-up, then linear decay), and their
+`[optim]` config section.
 
 The schedule is a pure function of the step and the run's `optim` config. A resumed run sets
 it from its own config at the resumed step (`set_schedule_step`) instead of loading a saved
@@ -8,12 +9,35 @@ scheduler state: what a checkpoint holds cannot push the learning rate anywhere,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-if TYPE_CHECKING:
-    from esmdist.config import OptimConfig
+from esmdist.ranges import check_range
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4e-4
+    """Peak learning rate (ESM-2: 4e-4; 1.6e-4 for 15B)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 2000
+    final_lr_fraction: float = 0.1
+    """Linear decay after warm-up down to this fraction of the peak at train.max_steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        check_range("optim", "lr", self.lr, 0.0, low_open=True)
+        for beta in self.betas:
+            check_range("optim", "betas", beta, 0.0, 0.999999)
+        check_range("optim", "eps", self.eps, 0.0, low_open=True)
+        check_range("optim", "weight_decay", self.weight_decay, 0.0)
+        check_range("optim", "warmup_steps", self.warmup_steps, 0)
+        check_range("optim", "final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
+        check_range("optim", "grad_clip", self.grad_clip, 0.0)
 
 
 def lr_lambda(warmup: int, max_steps: int, final_fraction: float):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esmdist.checkpoint import Checkpointer, CheckpointError, Committed
 from esmdist.config import ModelSpec, build_section
 from esmdist.data.order import OrderState
 
@@ -196,3 +197,28 @@ def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size
                                    "ZeRO checkpoint resumes only as it was saved; export it "
                                    "with esmdist export for anything else)")  # fmt: skip
     return differences
+
+
+def resumable(checkpointer: Checkpointer, where: str, run: JobConfig, world_size: int,
+              dataset: str) -> tuple[Committed, TrainState]:  # fmt: skip
+    """The checkpoint `where` and its validated train state, once it is clear that this run can
+    continue it — before any model is built; else CheckpointError naming what differs."""
+    checkpoint = checkpointer.open(where)
+    try:
+        state = TrainState.from_dict(checkpoint.json("train_state.json"),
+                                     checkpoint.store.url_of(checkpoint.name, "train_state.json"))  # fmt: skip
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if state.step != checkpoint.step:
+        raise CheckpointError(f"{checkpoint.url}: train_state.json is of step {state.step}, not "
+                              f"of this directory's step {checkpoint.step}")  # fmt: skip
+    differences = resume_differences(run, checkpoint.json("config.json"), state, world_size,
+                                     dataset)  # fmt: skip
+    if differences:
+        raise CheckpointError(
+            f"{checkpoint.url}: this run cannot resume it — "
+            + "; ".join(differences)
+            + ". Resume with the checkpoint's settings, or start a new run in another "
+            "checkpoint.root"
+        )
+    return checkpoint, state

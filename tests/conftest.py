@@ -44,7 +44,7 @@ def real_sequences(demo_records) -> list[str]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server on 127.0.0.1 for the whole session."""
-    from tests.s3server import SeaweedS3
+    from esmdist.testing.s3server import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("s3") / "data")
     server.start()

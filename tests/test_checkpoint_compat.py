@@ -10,9 +10,8 @@ import shutil
 import torch
 
 from esmdist.checkpoint import Checkpointer
-from esmdist.parallel import build_engine
 from esmdist.parallel.distributed import DistInfo
-from esmdist.train import train
+from esmdist.train import engine_for, train
 from tests.adversarial.helpers import job
 from tests.checkpoints import tensors
 from tests.conftest import TEST_DATA, make_shards
@@ -30,7 +29,7 @@ def test_an_earlier_checkpoint_loads_bit_for_bit_and_resumes(demo_records, tmp_p
     root = tmp_path / "root"
     shutil.copytree(FIXTURE, root)
     config = job(shards, tmp_path / "out", str(root), *SMALL, steps=6)
-    engine = build_engine(config, config.model.build(), DistInfo(0, 1, 0, torch.device("cpu")))
+    engine = engine_for(config, DistInfo(0, 1, 0, torch.device("cpu")))
     checkpointer = Checkpointer(config.checkpoint, str(root))
     checkpointer.load(checkpointer.open("step_000000004"), engine)
     model, optim = get_state_dict(engine.model, engine.optimizer)

@@ -81,11 +81,11 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     import torch
 
     from esmdist.config import load_config
-    from esmdist.parallel import build_engine
     from esmdist.parallel.distributed import DistInfo
+    from esmdist.train import engine_for
 
     config = load_config(None, ["--model.size=debug", "--parallel.backend=single"])
-    engine = build_engine(config, config.model.build(), DistInfo(0, 1, 0, torch.device("cpu")))
+    engine = engine_for(config, DistInfo(0, 1, 0, torch.device("cpu")))
     checkpointer = Checkpointer(CheckpointConfig(), str(tmp_path))
     state = {"step": 1, "schedule": engine.schedule.state_dict(), "world_size": 1}
     checkpointer.save(1, engine, state, {})

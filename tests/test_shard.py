@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from esmdist.cli import parse_size, parse_splits
+from esmdist.data.format import MANIFEST
 from esmdist.shard import ShardError, ShardOptions, run_sharding
-from esmdist.shard.format import MANIFEST
 from tests.conftest import REPO
 from tests.distributed import child_processes
 
@@ -449,7 +449,7 @@ def test_key_hash_matches_its_definition_and_spreads(demo_records):
     import numpy as np
     import pyarrow as pa
 
-    from esmdist.shard.format import key_hashes
+    from esmdist.data.format import key_hashes
 
     edge = ["UPI0000000001", "", "sp|P69905|HBA_HUMAN", "é" * 9]
     hi, lo = key_hashes(0, pa.array(edge))

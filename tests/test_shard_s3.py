@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from esmdist.data.format import MANIFEST
 from esmdist.shard import ShardError, ShardOptions, run_sharding
-from esmdist.shard.format import MANIFEST
+from esmdist.testing.s3server import SECRET_KEY
 from tests.conftest import REPO
-from tests.s3server import SECRET_KEY
 
 pytestmark = pytest.mark.s3
 

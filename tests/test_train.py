@@ -236,8 +236,8 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients(shards):
     import torch.nn.functional as F
 
     from esmdist.data.stream import ShardSet, TrainLoader
-    from esmdist.parallel import build_engine
     from esmdist.parallel.distributed import DistInfo
+    from esmdist.train import engine_for
 
     def config(**extra):
         return load_config(REPO / "configs/debug-cpu.toml", overrides(
@@ -247,7 +247,7 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients(shards):
     batch = next(iter(TrainLoader(ShardSet.open(str(shards), "train"), plain_config.data)))
 
     def gradient(job) -> torch.Tensor:
-        engine = build_engine(job, job.model.build(), DistInfo(0, 1, 0, torch.device("cpu")))
+        engine = engine_for(job, DistInfo(0, 1, 0, torch.device("cpu")))
         logits = engine.model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
         F.cross_entropy(logits.float(), batch.targets, reduction="sum").backward()
         return torch.cat([p.grad.flatten() for p in engine.params])

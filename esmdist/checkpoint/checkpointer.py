@@ -24,11 +24,13 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from esmdist.checkpoint.dcp import dcp_failures
+from esmdist.checkpoint.dcp import dcp_failures, dcp_writer, load_dcp
+from esmdist.checkpoint.deepspeed_files import DEEPSPEED_TAG, verified_local_copy
 from esmdist.checkpoint.lock import RunLock
 from esmdist.checkpoint.manifest import (
     COMMITTED,
@@ -38,7 +40,8 @@ from esmdist.checkpoint.manifest import (
     Committed,
     step_name,
 )
-from esmdist.checkpoint.scratch import local_scratch
+from esmdist.checkpoint.safe_load import torch_pickles_without_code
+from esmdist.checkpoint.scratch import local_path, local_scratch
 from esmdist.checkpoint.upload import Upload
 from esmdist.collectives import (
     all_reduce_sum,
@@ -155,7 +158,12 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------- saving
     def save(
-        self, step: int, engine, train_state: dict, job_config: dict, background: bool = False
+        self,
+        step: int,
+        engine: CheckpointedEngine,
+        train_state: dict,
+        job_config: dict,
+        background: bool = False,
     ) -> None:
         """Write checkpoint `step` from every rank, then commit it (rank 0) and prune.
 
@@ -180,12 +188,13 @@ class Checkpointer:
         _on_every_rank(clear)
         known: Digests = {}
         try:
-            if self.store.remote and (background or not engine.streams_to_object_storage):
+            streams = engine.checkpoint_format == "dcp"  # DCP files can stream to storage
+            if self.store.remote and (background or not streams):
                 scratch = local_scratch(needed=engine.state_bytes())
                 self.pending = (name, Upload(self.store, scratch, name))
-                engine.save(Store(str(scratch)), "model_optim")
+                write_engine_state(engine, Store(str(scratch)), "model_optim")
             else:
-                written = engine.save(self.store, name, "model_optim")
+                written = write_engine_state(engine, self.store, name, "model_optim")
                 known = {f"model_optim/{file}": digest for file, digest in written.items()}
         except (OSError, CheckpointException) as exc:
             # A full disk often surfaces as a torch.save zip-writer error that lost the errno.
@@ -318,8 +327,55 @@ class Checkpointer:
         """The committed checkpoint `where`, its files checked against COMMITTED's list."""
         return Committed.open(*self._store_for(where))
 
-    def load(self, checkpoint: Committed, engine) -> None:
+    def load(self, checkpoint: Committed, engine: CheckpointedEngine) -> None:
         """Load the engine's model and optimizer state from `checkpoint`; the sha256 of each
         file is checked as it is read for loading (one pass over the bytes)."""
-        engine.load(checkpoint.store, checkpoint.name, "model_optim",
-                    expected=checkpoint.model_optim)  # fmt: skip
+        read_engine_state(engine, checkpoint.store, checkpoint.name, "model_optim",
+                          expected=checkpoint.model_optim)  # fmt: skip
+
+
+class CheckpointedEngine(Protocol):
+    """What the checkpointer needs of a training engine (`esmdist.parallel.Engine`)."""
+
+    checkpoint_format: str
+    """"dcp": the state dict below is saved and filled with DCP; "files": the engine writes and
+    reads its own files in a local directory (DeepSpeed)."""
+
+    def state_bytes(self) -> int: ...
+    def checkpoint_state(self) -> dict: ...
+    def load_checkpoint_state(self, state: dict) -> None: ...
+    def save_files(self, directory: str, tag: str) -> None: ...
+    def load_files(self, directory: str, tag: str) -> None: ...
+
+
+def write_engine_state(engine: CheckpointedEngine, store: Store, *parts: str) -> Digests:
+    """Write the engine's model and optimizer, each rank its part, under `store/parts`; the
+    (size, sha256) of the files this rank streamed to object storage, by name."""
+    if engine.checkpoint_format == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        writer = dcp_writer(store, *parts)
+        dcp.save(engine.checkpoint_state(), storage_writer=writer)
+        return writer.digests
+    engine.save_files(local_path(store, *parts), tag=DEEPSPEED_TAG)
+    return {}
+
+
+def read_engine_state(engine: CheckpointedEngine, store: CheckpointStore, *parts: str,
+                      expected: Digests) -> None:  # fmt: skip
+    """Restore what `write_engine_state` wrote, every file checked against `expected`
+    (COMMITTED's sizes and sha256), no pickle able to run code."""
+    url = store.url_of(*parts)
+    if engine.checkpoint_format == "dcp":
+        state = engine.checkpoint_state()
+        load_dcp(state, store, *parts, expected=expected)
+        engine.load_checkpoint_state(state)
+        return
+    with (
+        verified_local_copy(store, *parts, expected=expected) as directory,
+        torch_pickles_without_code(url),
+    ):
+        try:
+            engine.load_files(directory, tag=DEEPSPEED_TAG)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{url}: {exc}") from None

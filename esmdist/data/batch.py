@@ -19,7 +19,10 @@ from esmdist import alphabet
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    probability: float = 0.15
+    """BERT/ESM masking; `DataConfig` (the `[data]` section) is one, so the keys are
+    `data.mask_probability` and so on."""
+
+    mask_probability: float = 0.15
     """Fraction of residues selected for prediction."""
     mask_fraction: float = 0.8
     """Of those, replaced by <mask>…"""
@@ -27,7 +30,7 @@ class MaskingConfig:
     """…or by a random standard residue; the rest keep their token."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.probability < 1:
+        if not 0 < self.mask_probability < 1:
             raise ValueError("data.mask_probability must be in (0, 1)")
         if self.mask_fraction + self.random_fraction > 1:
             raise ValueError("data.mask_fraction + data.random_fraction must not exceed 1")
@@ -59,7 +62,7 @@ def mask_tokens(
     Special tokens are never selected; at least one residue is, so every batch has a loss.
     """
     residue = tokens >= 4
-    selected = residue & (draws[0] < config.probability)
+    selected = residue & (draws[0] < config.mask_probability)
     if not selected.any():
         candidates = np.flatnonzero(residue)
         if not len(candidates):

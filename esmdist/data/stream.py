@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from esmdist import alphabet
 from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_specials
+from esmdist.data.format import MANIFEST, SHARD_TABLE, SUPPORTED_FORMATS
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
-from esmdist.shard.format import MANIFEST, SHARD_TABLE, SUPPORTED_FORMATS
 from esmdist.storage import HashingStream
 
 _RESIDUES = alphabet.RESIDUE_SYMBOLS.encode()
@@ -35,8 +35,8 @@ class DataError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """How a split is streamed into packed micro-batches."""
+class DataConfig(MaskingConfig):
+    """How a split is streamed into packed micro-batches (and masked: `MaskingConfig`'s fields)."""
 
     path: str = ""
     """A sharded directory (local or s3://) written by `esmdist shard`, or webdataset shard
@@ -48,9 +48,6 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0: read in the training process)."""
     seed: int = 0
-    mask_probability: float = 0.15
-    mask_fraction: float = 0.8
-    random_fraction: float = 0.1
     valid_split: str = "valid"
     valid_seed: int = 12345
     """Masking seed of the validation stream: the same masks every evaluation and run."""
@@ -67,11 +64,7 @@ class DataConfig:
             raise ValueError("data.num_workers must be >= 0")
         if self.seed < 0 or self.valid_seed < 0:
             raise ValueError("data.seed and data.valid_seed must not be negative")
-        self.masking  # noqa: B018 — its own checks name the keys
-
-    @property
-    def masking(self) -> MaskingConfig:
-        return MaskingConfig(self.mask_probability, self.mask_fraction, self.random_fraction)
+        super().__post_init__()
 
 
 # ------------------------------------------------------------------------------- shards
@@ -317,7 +310,7 @@ def slot_batches(
             numbers = rng(state.seed, 3, *first).random((3, size))
         else:
             numbers = np.concatenate(draws, axis=1)
-        return SlotBatch(pack(pending, config.masking, numbers), slot, *last)
+        return SlotBatch(pack(pending, config, numbers), slot, *last)
 
     for epoch, read, position, tokens in slot_sequences(shards, config, state, slot, epochs):
         if pending and size + len(tokens) > config.max_tokens:

@@ -4,6 +4,6 @@ The model file knows nothing of this room; the training loop only calls `Engine`
 """
 
 from esmdist.parallel.distributed import DistInfo, init_distributed
-from esmdist.parallel.engine import Engine, build_engine
+from esmdist.parallel.engine import Engine, EngineSettings, build_engine
 
-__all__ = ["DistInfo", "Engine", "build_engine", "init_distributed"]
+__all__ = ["DistInfo", "Engine", "EngineSettings", "build_engine", "init_distributed"]

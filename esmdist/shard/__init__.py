@@ -1,7 +1,8 @@
 """The offline sharder: FASTA (+ optional cluster membership) → webdataset tar shards, a parquet
 shard table and sequence index, and `manifest.json` written last as the commit point.
 
-The format is specified in `shards/README.md` and its contract lives in `format.py`.
+The format is specified in `shards/README.md`; its contract — file names, versions, the key
+hash and split rule — is `esmdist/data/format.py`, shared with the loader that reads it.
 
 Stages (each parallel over processes, each resumable after a crash). Records move between
 them as Arrow columns — blocks parsed as arrays, spills as Arrow IPC, grouping by Arrow/numpy
@@ -32,16 +33,8 @@ Bytes of every output depend only on the inputs and options: the order inside a 
 comes from hashes and provenance, never from which worker ran first.
 """
 
+from esmdist.shard.options import ShardError, ShardOptions
+from esmdist.shard.report import format_report
+from esmdist.shard.run import default_work_dir, run_sharding
+
 __all__ = ["ShardError", "ShardOptions", "default_work_dir", "format_report", "run_sharding"]
-_WHERE = {"ShardError": "options", "ShardOptions": "options", "default_work_dir": "run",
-          "format_report": "report", "run_sharding": "run"}  # fmt: skip
-
-
-def __getattr__(name: str):
-    # The loader imports `esmdist.shard.format` only: importing this package must not pull in
-    # the whole sharder (every DataLoader worker would).
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"esmdist.shard.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esmdist.shard.format import split_indices, split_names
+from esmdist.data.format import split_indices, split_names
 from esmdist.shard.join import unique_ids
 from esmdist.shard.options import ShardError, ShardOptions
 from esmdist.shard.read import numbered

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esmdist.shard.format import key_hashes
+from esmdist.data.format import key_hashes
 from esmdist.shard.options import ShardError, ShardOptions
 from esmdist.shard.read import numbered
 from esmdist.shard.spill import SpillWriter, read_partition

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from esmdist.data.fasta import OnInvalid, ReadPolicy
-from esmdist.shard.format import FORMAT_VERSION
+from esmdist.data.format import FORMAT_VERSION
 
 
 class ShardError(RuntimeError):

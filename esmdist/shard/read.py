@@ -28,9 +28,9 @@ from esmdist.data.fasta import (
     parse_block_table,
     record_blocks,
 )
+from esmdist.data.format import key_hashes
 from esmdist.data.inputs import FastaError, InputFile
 from esmdist.process import exit_with_parent
-from esmdist.shard.format import key_hashes
 from esmdist.shard.options import ShardError, ShardOptions
 from esmdist.shard.report import Progress
 from esmdist.shard.spill import SpillWriter

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from esmdist.data.format import FORMAT_VERSION, MANIFEST, split_names
 from esmdist.data.inputs import FastaError, changed_inputs, input_stat
 from esmdist.process import exit_with_parent
-from esmdist.shard.format import FORMAT_VERSION, MANIFEST, split_names
 from esmdist.shard.group import group_partition
 from esmdist.shard.join import join_partition
 from esmdist.shard.options import ShardError, ShardOptions

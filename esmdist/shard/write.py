@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from esmdist.shard.format import SHARD_TABLE, sample_keys, split_names
+from esmdist.data.format import SHARD_TABLE, sample_keys, split_names
 from esmdist.shard.options import ShardOptions
 from esmdist.shard.tar import TAR_BLOCK, binary_array, member_bytes, tar_end, tar_members
 from esmdist.shard.work import atomic_write, read_json, run_path

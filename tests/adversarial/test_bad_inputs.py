@@ -163,8 +163,8 @@ def test_an_output_on_a_read_only_filesystem_fails_at_once(tmp_path, capsys):
 
 @pytest.mark.s3
 def test_refused_credentials_for_the_output_name_it_and_the_fix(s3_server, tmp_path):
+    from esmdist.testing.s3server import SECRET_KEY
     from tests.conftest import REPO
-    from tests.s3server import SECRET_KEY
 
     env = {**os.environ, **s3_server.env(secret=SECRET_KEY + "-wrong")}
     done = subprocess.run([sys.executable, "-m", "esmdist.cli", "shard", str(DEMO_FASTA), "--out",

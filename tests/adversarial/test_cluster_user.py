@@ -15,11 +15,11 @@ import pytest
 from esmdist.checkpoint import CheckpointError, CheckpointStore
 from esmdist.config import load_config
 from esmdist.storage import StorageError
+from esmdist.testing.s3server import SECRET_KEY
 from esmdist.train import train
 from tests.adversarial.faulty_s3 import FaultyS3
 from tests.adversarial.helpers import environment, job, launcher, run, wait_until
 from tests.conftest import REPO
-from tests.s3server import SECRET_KEY
 
 
 def test_the_same_job_twice_on_one_root(small_shards, tmp_path):

@@ -1,5 +1,5 @@
-"""The shard format's contract, written once — for the sharder that writes it and the loader
-that reads it (`shards/README.md` is its specification):
+"""The shard format's contract, written once — for the sharder that writes it (`esmdist.shard`)
+and the loader that reads it (`esmdist.data.stream`); `shards/README.md` is its specification:
 
 - the files: `{split}-NNNNNN.tar` (one `<key>.fasta` member per sample), `SHARD_TABLE`,
   `index/<shard>.parquet`, and `MANIFEST` written last;

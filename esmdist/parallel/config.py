@@ -1,0 +1,27 @@
+"""The `[parallel]` section of a run config: which engine, and how it shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from esmdist.ranges import check_range
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    backend: Literal["single", "ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    cpu_offload: bool = False
+    """DeepSpeed: keep optimizer state in CPU memory."""
+    meta_init: bool = False
+    """FSDP: build on the meta device and initialise each shard in place (for sizes that do not
+    fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        check_range("parallel", "peak_tflops", self.peak_tflops, 0.0)

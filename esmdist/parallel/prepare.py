@@ -1,0 +1,45 @@
+"""The model a training run starts from: built from the seed (the same on every rank and every
+backend) or on the meta device for FSDP's per-shard initialisation, with the training-only
+transforms — activation recomputation, compiled blocks — that keep parameter names unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from esmdist.model import ESM, ModelConfig
+
+
+def _enable_activation_checkpointing(model: ESM) -> None:
+    """Recompute each block's activations in backward. The forward is wrapped in place so that
+    parameter names (and so checkpoints) do not change."""
+    for layer in model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def training_model(config: ModelConfig, seed: int, device: torch.device, *, on_meta: bool = False,
+                   activation_checkpointing: bool = False, compile: bool = False) -> ESM:  # fmt: skip
+    """The ESM to train: initialised from `seed` on `device`, or (`on_meta`) left on the meta
+    device for the engine to materialise shard by shard."""
+    if on_meta:
+        with torch.device("meta"):
+            model = ESM(config)
+    else:
+        torch.manual_seed(seed)
+        model = ESM(config)
+        model.init_weights()
+    # The contact regression is fitted after pretraining (Rao et al.); it gets no MLM gradient.
+    model.contact_head.requires_grad_(False)
+    if not on_meta:
+        model = model.to(device)
+    if activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    if compile:
+        for layer in model.layers:
+            layer.compile()
+    return model
