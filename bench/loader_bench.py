@@ -11,14 +11,13 @@ Both run in this one process (a DataLoader worker does exactly this work), in th
 from __future__ import annotations
 
 import argparse
-import atexit
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from make_fasta import bench_fasta, scratch_directory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,15 +34,10 @@ def main() -> None:
     from esmdist.data.order import OrderState
     from esmdist.data.stream import DataConfig, ShardCheck, ShardSet, slot_batches
 
-    scratch = Path(args.dir or tempfile.mkdtemp(prefix="loader-bench-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    if args.dir is None:  # a scratch directory of our own: leave nothing behind
-        atexit.register(shutil.rmtree, scratch, True)
+    scratch = scratch_directory(args.dir, "loader-bench-")
     shards_dir = scratch / "shards"
     if not (shards_dir / "manifest.json").exists():
-        fasta = scratch / "bench.fasta.gz"
-        subprocess.run([sys.executable, str(REPO / "bench" / "make_fasta.py"), str(fasta),
-                        "--mb", str(args.mb)], check=True)  # fmt: skip
+        fasta = bench_fasta(scratch / "bench.fasta.gz", args.mb)
         subprocess.run([sys.executable, "-m", "esmdist.cli", "shard", str(fasta), "--out",
                         str(shards_dir), "--workers", "2", "--shard-size", "16MB"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

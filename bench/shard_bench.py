@@ -12,15 +12,15 @@ table in docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import atexit
 import platform
 import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from make_fasta import bench_fasta, scratch_directory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +41,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory")
     args = parser.parse_args()
-    scratch = Path(args.dir or tempfile.mkdtemp(prefix="shard-bench-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    if args.dir is None:  # a scratch directory of our own: leave nothing behind
-        atexit.register(shutil.rmtree, scratch, True)
-    fasta = scratch / "bench.fasta.gz"
-    if not fasta.exists():
-        subprocess.run([sys.executable, str(REPO / "bench" / "make_fasta.py"), str(fasta),
-                        "--mb", str(args.mb)], check=True)  # fmt: skip
+    scratch = scratch_directory(args.dir, "shard-bench-")
+    fasta = bench_fasta(scratch / "bench.fasta.gz", args.mb)
     size = int(subprocess.run(f"zcat {fasta} | wc -c", shell=True, check=True,
                               capture_output=True, text=True).stdout)  # fmt: skip
     with open("/dev/null", "wb") as null:
