@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, step_name
-from esmdist.collectives import all_reduce_max, all_reduce_sum, gather_objects
+from esmdist.collectives import all_reduce_max, all_reduce_sum, barrier, gather_objects
 from esmdist.config import JobConfig, load_config
 from esmdist.data.stream import (
     DataError,
@@ -145,6 +145,9 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
         finally:
             run.close()
         export_final(run)
+        # Rank 0 writes the export alone: the others wait, so that no rank tears the process
+        # group down under one still using it (gloo's worker threads then abort at exit).
+        barrier()
         return last, run.engine
     finally:
         stop.restore()

@@ -50,7 +50,7 @@ from esmdist.collectives import (
     gather_objects,
     rank_world,
 )
-from esmdist.storage import Digests, Store
+from esmdist.storage import Digests, StorageError, Store
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,13 @@ class CheckpointConfig:
 
 
 def _on_every_rank(action) -> None:
-    """Run `action` on rank 0; if it raises CheckpointError, every rank raises it."""
+    """Run `action` on rank 0; if it fails (a storage or checkpoint error), every rank raises
+    it as a CheckpointError, so no rank is left waiting in a collective."""
     message = None
     if rank_world()[0] == 0:
         try:
             action()
-        except CheckpointError as exc:
+        except (StorageError, OSError) as exc:
             message = str(exc)
     message = broadcast_object(message)
     if message is not None:
