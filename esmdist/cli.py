@@ -1,4 +1,4 @@
-"""`esmdist` command line: shard, export, eval.
+"""`esmdist` command line: shard, export, eval, submit (Slurm), status.
 
 Each subcommand is a thin layer over a library function so that everything it does can also be
 called (and tested) from Python.
@@ -161,6 +161,60 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from esmdist.config import load_config
+    from esmdist.status import run_status
+
+    status = run_status(load_config(args.config, args.overrides))
+    print(status.describe())
+    return 0 if status.finished else 3 if status.stopped else 1
+
+
+def _job_options(args: argparse.Namespace, job_name: str, ntasks_per_node: int, **fixed):
+    from esmdist.slurm.submit import JobOptions
+
+    options = dict(
+        job_name=args.job_name or job_name, time=args.time, nodes=args.nodes,
+        ntasks_per_node=ntasks_per_node, gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition,
+        account=args.account, qos=args.qos, dependency=args.dependency,
+        log_dir=Path(args.log_dir), signal_seconds=args.signal_seconds or None,
+        max_restarts=args.max_restarts, container_image=args.container_image,
+        container_mounts=args.container_mounts, sbatch_args=tuple(args.sbatch_arg),
+    )  # fmt: skip
+    return JobOptions(**{**options, **fixed})
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from esmdist.slurm.submit import render, submit
+
+    if args.job == "shard":
+        build_parser().parse_args(["shard", *args.overrides])  # its errors before the queue
+        options = _job_options(args, "esmdist-shard", 1, signal_seconds=None)
+        if options.nodes != 1:
+            raise ValueError("the sharding job runs on one node (--nodes 1)")
+        script = render("shard.sbatch", options, args.overrides, "esmdist submit shard")
+    else:
+        from esmdist.config import load_config
+
+        config_path = str(Path(args.config).resolve())
+        tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+        # The config's own checks and the ones that depend on the world size, before queueing.
+        load_config(config_path, args.overrides).check(args.nodes * tasks)
+        options = _job_options(args, f"esmdist-{Path(args.config).stem}", tasks)
+        script = render("pretrain.sbatch", options, [config_path, *args.overrides], config_path)
+    # Slurm opens the log before the script runs, and fails the job if its folder is missing:
+    # made now, also for a printed script that is submitted later.
+    options.log_dir.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job = submit(script)
+    log = (options.log_dir.resolve() / f"{options.job_name}-{job}.out").as_posix()
+    print(f"submitted job {job}; log: {log}")
+    return 0
+
+
 def _add_export(sub) -> None:
     export = sub.add_parser(
         "export",
@@ -257,19 +311,95 @@ def _add_eval(sub) -> None:
     pppl.set_defaults(func=_cmd_eval_pppl)
 
 
+def _add_status(sub) -> None:
+    status = sub.add_parser(
+        "status",
+        help="where a training run stands (exit 0 finished, 3 stopped with a checkpoint, 1 not)",
+        description="Print the run's newest committed checkpoint step, its max_steps and whether "
+        "it finished (final export written). Exit status: 0 finished; 3 unfinished, the last "
+        "attempt stopped on request after committing its checkpoint; 1 unfinished; 2 error. "
+        "The Slurm job script decides on requeueing with it.",
+    )
+    status.add_argument("--config", required=True, help="the run's TOML config")
+    status.set_defaults(func=_cmd_status, overrides=[])
+
+
+def _submit_options() -> argparse.ArgumentParser:
+    """The #SBATCH side of `esmdist submit pretrain|shard`."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--time", required=True, help="time limit per start, e.g. 24:00:00")
+    options.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    options.add_argument("--gpus-per-node", type=int, default=0,
+                         help="GPUs per node, one rank each; 0 for CPU ranks (default 0)")  # fmt: skip
+    options.add_argument("--cpus-per-task", type=int, help="CPU cores per rank")
+    options.add_argument("--mem", help="memory per node, e.g. 256G")
+    for name in ("partition", "account", "qos"):
+        options.add_argument(f"--{name}", help=f"Slurm {name}")
+    options.add_argument("--dependency", help="e.g. afterok:JOBID (start after that job)")
+    options.add_argument("--job-name", help="default: esmdist-CONFIG_STEM / esmdist-shard")
+    options.add_argument("--log-dir", default="logs",
+                         help="the job's one log file goes here as NAME-JOBID.out (default logs)")  # fmt: skip
+    options.add_argument("--signal-seconds", type=int, default=300,
+                         help="SIGUSR1 this long before the time limit, to checkpoint and "
+                         "requeue (default 300; 0 for none)")  # fmt: skip
+    options.add_argument("--max-restarts", type=int, default=100,
+                         help="requeue at most this many times (default 100)")  # fmt: skip
+    options.add_argument("--container-image",
+                         help="Pyxis/Enroot image for the ranks (srun --container-image)")  # fmt: skip
+    options.add_argument("--container-mounts", help="default: the submit directory")
+    options.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                         help="an extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")  # fmt: skip
+    options.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    return options
+
+
+def _add_submit(sub) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="submit a Slurm job: pretraining (the default) or sharding",
+        description="Render a Slurm job script from esmdist/slurm/{pretrain,shard}.sbatch with "
+        "#SBATCH lines from the options and submit it with sbatch (prints the job id), or print "
+        "it with --dry-run. `esmdist submit [pretrain] --config C --nodes N --gpus-per-node G "
+        "--time T [-- --section.key=value ...]`; `esmdist submit shard --time T --cpus-per-task "
+        "32 -- INPUT... --out OUT [esmdist shard options]`. Walk-through: docs/operations.md.",
+    )
+    jobs = submit.add_subparsers(dest="job", required=True)
+    options = _submit_options()
+    pretrain = jobs.add_parser("pretrain", parents=[options], help="multi-node pretraining")
+    pretrain.add_argument("--config", required=True, help="the run's TOML config")
+    pretrain.add_argument("--tasks-per-node", type=int,
+                          help="ranks per node (default: --gpus-per-node, or 1 without GPUs)")  # fmt: skip
+    pretrain.add_argument("overrides", nargs="*", metavar="-- --section.key=value",
+                          help="config overrides, after --")  # fmt: skip
+    shard = jobs.add_parser("shard", parents=[options], help="sharding on one node")
+    shard.add_argument("overrides", nargs="*", metavar="-- INPUT... --out OUT",
+                       help="the `esmdist shard` arguments, after --")  # fmt: skip
+    for job in (pretrain, shard):
+        job.set_defaults(func=_cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esmdist",
         description="Distributed pretraining of ESM-2 / ESM-1b protein language models.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_shard, _add_eval):
+    for add in (_add_export, _add_shard, _add_eval, _add_submit, _add_status):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["submit"] and argv[1:2] not in (["pretrain"], ["shard"], ["-h"], ["--help"]):
+        argv.insert(1, "pretrain")  # `esmdist submit --config …` is the pretraining job
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # status and submit take config overrides (--section.key=value) as the trainer does.
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError) as exc:

@@ -15,6 +15,8 @@ import functools
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,12 +43,13 @@ from esmdist.optim import build_optimizer, set_schedule_step
 from esmdist.parallel import DistInfo, Engine, EngineSettings, build_engine, init_distributed
 from esmdist.parallel.prepare import training_model
 from esmdist.signals import StopRequest, stop_request
+from esmdist.status import FINAL_EXPORT, PREEMPTED_MARKER
 from esmdist.storage import StorageError
 from esmdist.train_state import TrainState, resumable, rng_state, set_rng_state
 
 # Exit status after a SIGUSR1/SIGTERM/SIGINT stop with a saved checkpoint (EX_TEMPFAIL): the
-# sbatch script requeues the job on it. Launchers that hide the status (torchrun) still leave
-# the file PREEMPTED in train.output_dir.
+# Slurm job script reads the file PREEMPTED_MARKER in train.output_dir as well (esmdist.status),
+# since srun reports whichever rank's status it sees first.
 PREEMPTED_EXIT = 75
 
 
@@ -154,10 +157,19 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
 
 
 def _announce(config: JobConfig, info: DistInfo, model_config: ModelConfig) -> None:
+    if info.world_size > 1:  # every rank: where the job's ranks really run
+        print(f"rank {info.rank} of {info.world_size} on {socket.gethostname()} "
+              f"(local rank {info.local_rank}, {info.device})", flush=True)  # fmt: skip
     if not info.is_main:
         return
+    if "SLURM_JOB_ID" in os.environ:
+        print(f"slurm job {os.environ['SLURM_JOB_ID']} restart "
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')} on {os.environ.get('SLURM_JOB_NODELIST', '?')}",
+              flush=True)  # fmt: skip
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The stop marker speaks of this attempt only (the Slurm job script reads it afterwards).
+    (out / PREEMPTED_MARKER).unlink(missing_ok=True)
     resolved = json.dumps(config.to_dict(), indent=1, default=list)
     (out / "config.json").write_text(resolved + "\n")
     print(f"resolved config:\n{resolved}", flush=True)
@@ -236,9 +248,12 @@ def loop(run: Run, stop: StopRequest) -> dict:
                  and not final_step)  # fmt: skip
             if stopping or final_step:
                 run.checkpointer.wait()
-        if stopping:
+        if stopping and not final_step:  # a stop at the last step finishes (and exports)
             if run.info.is_main:
-                (Path(train.output_dir) / "PREEMPTED").write_text(f"stopped after step {step}\n")
+                marker = Path(train.output_dir) / PREEMPTED_MARKER
+                marker.write_text(f"stopped after step {step}\n")
+            # All ranks leave together, after the marker: srun ends the step at the first exit.
+            barrier()
             raise Preempted(f"stopped by signal after step {step}; checkpoint saved")
     return last
 
@@ -363,8 +378,13 @@ def export_final(run: Run) -> None:
     if run.info.is_main:
         from esmdist.model.convert import save_hf
 
-        out = Path(run.config.train.output_dir) / "final"
-        save_hf({k: v.float().cpu() for k, v in final.items()}, run.model_config, out)
+        # Written aside and renamed whole: a `final` directory is always a complete export.
+        out = Path(run.config.train.output_dir) / FINAL_EXPORT
+        partial = out.with_name(f"{FINAL_EXPORT}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_hf({k: v.float().cpu() for k, v in final.items()}, run.model_config, partial)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
         print(f"final model: {out} (Hugging Face EsmForMaskedLM directory)", flush=True)
 
 

@@ -202,29 +202,6 @@ def test_shipped_configs_load_and_are_consistent(path):
         assert model == __import__("esmdist.model", fromlist=["x"]).model_config(config.model.size)
 
 
-def test_srun_environment_maps_to_torch_distributed(monkeypatch):
-    from esmdist.parallel.distributed import _slurm_environment
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        # setenv first so that teardown restores the variable's absence after the code under
-        # test has set it (delenv alone records nothing for an absent variable).
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-a17")
-    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is used as is
-    _slurm_environment()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (
-        "3",
-        "8",
-        "1",
-    )
-    assert os.environ["MASTER_ADDR"] == "gpu-a17" and os.environ["MASTER_PORT"] == str(20000 + 4242)
-
-
 def test_activation_checkpointing_and_compile_give_the_same_gradients(shards):
     """Recomputing activations in backward, and torch.compile'd blocks, give the plain model's
     gradient up to fp32 reassociation, on a real packed batch: the relative L2 distance of the

@@ -1,19 +1,20 @@
 """Process-group start-up under `deepspeed`, `torchrun`, `srun` or plain `python`.
 
 torchrun and the deepspeed launcher export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT; under `srun` the same facts come from SLURM_PROCID / SLURM_NTASKS /
-SLURM_LOCALID and the job's first node. Plain `python` is one process.
+MASTER_PORT; under `srun` the same facts come from Slurm's variables (esmdist.parallel.slurm_env).
+Plain `python` is one process.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from esmdist.parallel.slurm_env import fill_from_slurm
 
 
 @dataclass(frozen=True)
@@ -28,32 +29,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def _slurm_environment() -> None:
-    """Fill the torch.distributed variables from Slurm's when started by srun."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
-        first = "127.0.0.1"
-        if nodes:
-            try:
-                first = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
-                                       capture_output=True, text=True).stdout.split()[0]  # fmt: skip
-            except (OSError, subprocess.CalledProcessError, IndexError):
-                first = nodes.split(",")[0]
-        os.environ["MASTER_ADDR"] = first
-    # A port derived from the job id, so that jobs sharing a node do not collide.
-    os.environ.setdefault(
-        "MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
-    )
-
-
 def init_distributed(backend: str) -> DistInfo:
     """Join (or skip, for one process) the process group; pick this rank's device."""
-    _slurm_environment()
+    fill_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

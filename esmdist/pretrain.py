@@ -1,0 +1,18 @@
+"""The trainer's entry point: `python -m esmdist.pretrain --config …` (what the Slurm job runs on
+every rank) and `launcher/pretrain.py` (for torchrun, deepspeed and plain python).
+
+Importing it starts remembering stop signals before torch is imported (seconds): a SIGUSR1 /
+SIGTERM / SIGINT from then on is a stop request, not the signal's default death, which Slurm
+would not requeue.
+"""
+
+import sys
+
+from esmdist.signals import install_early
+
+install_early()
+
+from esmdist.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
