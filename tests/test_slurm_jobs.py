@@ -4,8 +4,10 @@ scripts `esmdist submit` renders, and `esmdist status` (the job script's requeue
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,8 @@ case "$FAKE_SCENARIO" in
               echo '{}' > "$out/final/config.json"; exit 0 ;;
     stopped) echo "stopped after step 8" > "$out/PREEMPTED"; exit 143 ;;  # a rank terminated
     crashed) exit 137 ;;
+    waiting) trap 'echo "stopped after step 8" > "$out/PREEMPTED"; exit 75' USR1
+             touch "$out.started"; sleep 30 & wait; exit 1 ;;
 esac
 """
 
@@ -202,6 +206,33 @@ def test_the_job_script_requeues_only_an_unfinished_stopped_run(tmp_path, scenar
                                                                  status, requeued):  # fmt: skip
     """The decision after the ranks exit, with srun and scontrol played by scripts and the real
     `esmdist status` reading what the 'ranks' left."""
+    done = run_job_script(tmp_path, scenario, restarts)
+    assert done.returncode == status, done.stdout + done.stderr
+    calls = Path(f"{tmp_path / 'run'}.scontrol")
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 77\n" if requeued else "")
+    assert f"esmdist job 77 restart {restarts} " in done.stdout
+
+
+def test_sigterm_to_the_job_script_stops_the_ranks_and_requeues(tmp_path):
+    """A preemption's SIGTERM is handled as the time-limit warning is: passed to the ranks as
+    SIGUSR1, then the same decision (the cluster tests send SIGUSR1)."""
+    job = run_job_script(tmp_path, "waiting", "0", wait=False)
+    started = Path(f"{tmp_path / 'run'}.started")
+    for _ in range(300):
+        if started.exists():
+            break
+        time.sleep(0.1)
+    time.sleep(0.2)  # the fake ranks' trap is set right before the marker file
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stdout + stderr
+    assert "got SIGTERM: asking every rank to commit a checkpoint and stop" in stdout
+    assert Path(f"{tmp_path / 'run'}.scontrol").read_text() == "requeue 77\n"
+
+
+def run_job_script(tmp_path: Path, scenario: str, restarts: str, wait: bool = True):
+    """slurm/pretrain.sbatch as Slurm would start it, with srun and scontrol played by
+    scripts (FAKE_SRUN) and the real `esmdist status`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -213,10 +244,10 @@ def test_the_job_script_requeues_only_an_unfinished_stopped_run(tmp_path, scenar
            "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": restarts, "ESMDIST_MAX_RESTARTS": "5",
            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2",
            "FAKE_OUTPUT": str(out), "FAKE_SCENARIO": scenario}  # fmt: skip
-    done = subprocess.run(["bash", str(REPO / "slurm" / "pretrain.sbatch"),
-                           str(REPO / "configs" / "debug-cpu.toml"), f"--train.output_dir={out}",
-                           "--train.max_steps=12"], env=env, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == status, done.stdout + done.stderr
-    calls = Path(f"{out}.scontrol")
-    assert (calls.read_text() if calls.exists() else "") == ("requeue 77\n" if requeued else "")
-    assert f"esmdist job 77 restart {restarts} " in done.stdout
+    command = ["bash", str(REPO / "slurm" / "pretrain.sbatch"),
+               str(REPO / "configs" / "debug-cpu.toml"), f"--train.output_dir={out}",
+               "--train.max_steps=12"]  # fmt: skip
+    if wait:
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
