@@ -1,4 +1,4 @@
-"""`esmdist` command line: shard, export, eval, submit (Slurm), status.
+"""`esmdist` command line: shard, export, eval, check, submit (Slurm), status.
 
 Each subcommand is a thin layer over a library function so that everything it does can also be
 called (and tested) from Python.
@@ -16,27 +16,11 @@ from pathlib import Path
 from esmdist.model.config import MODEL_SIZES
 
 
-def _load_model_source(source: str):
-    """(config, state dict) from an esmdist checkpoint (`…/step_NNNNNNNNN`, local or s3://),
-    a fair-esm `.pt` file or a Hugging Face model directory."""
-    from esmdist.checkpoint import STEP_DIR
-    from esmdist.export import consolidated_weights
-    from esmdist.model import convert
-
-    if STEP_DIR.match(source.rstrip("/").rsplit("/", 1)[-1]):
-        return consolidated_weights(source)
-    path = Path(source)
-    if path.is_dir():
-        return convert.load_hf(path)
-    if path.is_file():
-        return convert.load_fair_esm_checkpoint(path)
-    raise FileNotFoundError(f"{source}: no such checkpoint file or model directory")
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
+    from esmdist.export import model_weights
     from esmdist.model import convert
 
-    config, state = _load_model_source(args.source)
+    config, state = model_weights(args.source)
     if args.to == "hf":
         out = convert.save_hf(state, config, args.out)
     else:
@@ -98,25 +82,36 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         shard_samples=args.shard_samples,
     )
     work_dir = Path(args.work_dir) if args.work_dir else None
-    manifest = run_sharding(options, args.workers, work_dir, args.keep_work)
+    manifest = run_sharding(options, args.workers, work_dir, args.keep_work, args.restart)
     print(format_report(manifest))
     return 0
 
 
-def _load_model(spec: str, seed: int):
+def _load_model(spec: str, seed: int, offload: bool = False):
     import torch
 
     from esmdist.model import ESM, build_model, model_config
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec in MODEL_SIZES:
+    if spec in MODEL_SIZES and not offload:
         print(f"model: untrained '{spec}' (random init, seed {seed})")
         return build_model(model_config(spec)).eval().to(device)
-    config, state = _load_model_source(spec)
+    if spec in MODEL_SIZES:
+        config = model_config(spec)
+        state = build_model(config).state_dict()
+    else:
+        from esmdist.export import model_weights
+
+        config, state = model_weights(spec)
+    where = "host memory, run block by block on " if offload else ""
+    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters) on {where}{device}")
+    if offload:
+        from esmdist.eval.offload import offloaded_model
+
+        return offloaded_model(config, state)
     model = ESM(config)
     model.load_state_dict(state)
-    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters) on {device}")
     return model.eval().to(device)
 
 
@@ -124,8 +119,13 @@ def _cmd_eval_pppl(args: argparse.Namespace) -> int:
     from esmdist.data.fasta import read_fasta
     from esmdist.eval.perplexity import pseudo_perplexity, unigram_perplexity
 
-    model = _load_model(args.model, args.seed)
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1 (the number of sequences to score)")
+    model = _load_model(args.model, args.seed, args.offload)
     records = list(itertools.islice(read_fasta(args.fasta), args.limit))
+    if not records:
+        raise ValueError(f"{args.fasta}: no sequences to score")
+    print(f"scoring the first {len(records)} sequence(s) of {args.fasta} (--limit {args.limit})")
     scores = []
     for record in records:
         ppl = pseudo_perplexity(model, record.sequence)
@@ -143,7 +143,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     from esmdist.data.stream import DataConfig, ShardSet, validation_batches
     from esmdist.eval.perplexity import masked_perplexity, unigram_perplexity
 
-    model = _load_model(args.model, args.seed)
+    model = _load_model(args.model, args.seed, args.offload)
     config = DataConfig(path=args.shards, max_tokens=args.max_tokens,
                         crop_length=args.crop_length, num_workers=0)  # fmt: skip
     held_out = ShardSet.from_directory(args.shards, args.split)
@@ -158,6 +158,23 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     baseline = unigram_perplexity(sequences(train), sequences(held_out))
     print(f"{args.split}: masked-LM perplexity {ppl:.3f} over {count:,} masked residues of "
           f"{held_out.total:,} samples (unigram baseline fitted on train: {baseline:.3f})")  # fmt: skip
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from esmdist.config import load_config
+    from esmdist.preflight import problems
+
+    config = load_config(args.config, args.overrides)
+    found = problems(config, args.world_size)
+    for problem in found:
+        print(f"esmdist check: {problem}", file=sys.stderr)
+    if found:
+        return 2
+    print(f"ok: {args.config} for world size {args.world_size} "
+          f"({config.accumulation(args.world_size)} micro-batch(es) per rank per step); data "
+          f"{config.data.path} readable; checkpoint root {config.checkpoint_root} writable; "
+          "packages and credentials present")  # fmt: skip
     return 0
 
 
@@ -271,6 +288,9 @@ def _add_shard(sub) -> None:
     shard.add_argument("--work-dir", help="spill/resume directory (default: OUT/_work, or a "
                        "temporary directory for s3:// outputs)")  # fmt: skip
     shard.add_argument("--keep-work", action="store_true", help="keep the work directory")
+    shard.add_argument("--restart", action="store_true",
+                       help="discard an unfinished run in the work directory (e.g. one that "
+                       "failed, to rerun it with other options) instead of resuming it")  # fmt: skip
     shard.set_defaults(func=_cmd_shard)
 
 
@@ -283,6 +303,9 @@ def _add_eval(sub) -> None:
                              help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), "
                              "a fair-esm .pt file or a Hugging Face directory")  # fmt: skip
         command.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
+        command.add_argument("--offload", action="store_true",
+                             help="keep the parameters in host memory and run block by block "
+                             "(FSDP2 CPU offload): for models larger than the GPU, e.g. ESM-2 15B")  # fmt: skip
 
     perplexity = eval_sub.add_parser(
         "perplexity",
@@ -307,8 +330,26 @@ def _add_eval(sub) -> None:
     )
     add_model_arguments(pppl)
     pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
-    pppl.add_argument("--limit", type=int, default=16, help="score the first N sequences")
+    pppl.add_argument("--limit", type=int, default=16,
+                      help="score the first N sequences of the file (default: %(default)s; one "
+                      "forward pass per residue each)")  # fmt: skip
     pppl.set_defaults(func=_cmd_eval_pppl)
+
+
+def _add_check(sub) -> None:
+    check = sub.add_parser(
+        "check",
+        help="check a run's config, data, checkpoint root, packages and credentials",
+        description="What would stop the run, found before any process starts: the config's "
+        "consistency for the world size, the optional packages it needs (deepspeed, wandb, "
+        "s3fs), AWS credentials for its s3:// paths, the dataset's manifest and shard table, a "
+        "test write in the checkpoint root (removed again), model.init_from's existence. One "
+        "line per problem, naming the key; exit 2 if any. Run it before sbatch.",
+    )
+    check.add_argument("--config", required=True, help="the run's TOML config")
+    check.add_argument("--world-size", type=int, default=1,
+                       help="ranks the run will have (nodes × GPUs per node; default 1)")  # fmt: skip
+    check.set_defaults(func=_cmd_check, overrides=[])
 
 
 def _add_status(sub) -> None:
@@ -383,8 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esmdist",
         description="Distributed pretraining of ESM-2 / ESM-1b protein language models.",
     )
+    from esmdist.version import version_info
+
+    about = version_info()
+    parser.add_argument("--version", action="version",
+                        version=f"esmdist {about['esmdist']} (git {about['git_commit']})")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_shard, _add_eval, _add_submit, _add_status):
+    for add in (_add_export, _add_shard, _add_eval, _add_check, _add_submit, _add_status):
         add(sub)
     return parser
 

@@ -31,6 +31,10 @@ class ModelSpec:
     """A named size from esmdist.model.MODEL_SIZES."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Architecture fields that differ from the named size (e.g. {num_layers = 4})."""
+    init_from: str = ""
+    """Start a new run from these weights (continued pretraining): a fair-esm .pt file, a
+    Hugging Face EsmForMaskedLM directory or an esmdist checkpoint, local or s3://. Weights
+    only: optimizer, schedule and data position start fresh; a resume continues the run."""
 
     def build(self) -> ModelConfig:
         if self.size not in MODEL_SIZES:
@@ -46,6 +50,23 @@ class ModelSpec:
             k: _coerce(v, hints[k], f"model.overrides.{k}") for k, v in self.overrides.items()
         }
         return ModelConfig.from_dict({**base, **changed})
+
+    def check_init(self, source: ModelConfig) -> None:
+        """The weights of `init_from` (architecture `source`) must be this model's."""
+        wanted, found = self.build().to_dict(), source.to_dict()
+        differ = [k for k in wanted if wanted[k] != found.get(k)]
+        if not differ:
+            return
+        sizes = [name for name, size in MODEL_SIZES.items() if size == source]
+        fix = (f'set model.size = "{sizes[0]}"' if sizes and not self.overrides
+               else "set model.size and model.overrides to the file's architecture")  # fmt: skip
+        raise ValueError(
+            f"model.init_from: {self.init_from} is "
+            + ", ".join(f"{k}={found.get(k)!r}" for k in differ)
+            + f"; model.size {self.size!r} gives "
+            + ", ".join(f"{k}={wanted[k]!r}" for k in differ)
+            + f": {fix}"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,21 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        # Across sections, known at load time: before any process starts.
+        if self.optim.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        model = self.model.build()
+        if model.arch == "esm1b" and self.data.crop_length > model.max_positions:
+            raise ValueError(
+                f"data.crop_length ({self.data.crop_length}) exceeds ESM-1b's "
+                f"{model.max_positions} learned positions (<cls> + {model.max_positions - 2} "
+                f"residues + <eos>): set data.crop_length to at most {model.max_positions}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -115,8 +151,6 @@ class JobConfig:
             raise ValueError(
                 "parallel.backend 'single' runs one process; use ddp, fsdp or deepspeed"
             )
-        if self.optim.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
-            raise ValueError("optim.warmup_steps must be below train.max_steps")
 
     def accumulation(self, world_size: int) -> int:
         return self.train.tokens_per_step // (self.data.max_tokens * world_size)
@@ -217,3 +251,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             raise ValueError(f"override {item!r}: keys are dotted, e.g. --train.max_steps=50")
         _set_dotted(tree, key, value)
     return build_section(JobConfig, tree, "")
+
+
+def config_keys() -> list[str]:
+    """`section.key = default` for every key of a run config (for --help)."""
+    lines = []
+    for section in dataclasses.fields(JobConfig):
+        defaults = section.default_factory()
+        for item in dataclasses.fields(defaults):
+            value = getattr(defaults, item.name)
+            lines.append(f"{section.name}.{item.name} = {value!r}")
+    return lines

@@ -1,5 +1,6 @@
 """Full fp32 weights of a committed checkpoint, whatever engine and world size wrote it — for
-`esmdist export` and evaluation.
+`esmdist export`, evaluation and `model.init_from` — and of the other model files esmdist reads
+(fair-esm `.pt`, Hugging Face directories), local or in object storage.
 
 Nothing in the checkpoint is executed (DCP metadata and values through allow-lists,
 DeepSpeed's pickles weights-only), and nothing is allocated from its config alone: the model is
@@ -10,9 +11,12 @@ error naming the key, not an out-of-memory kill.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
-from esmdist.checkpoint import CheckpointError, Committed, open_checkpoint
+from esmdist.checkpoint import STEP_DIR, CheckpointError, Committed, open_checkpoint
 from esmdist.config import ModelSpec, build_section
 from esmdist.model import ESM, ModelConfig
 
@@ -73,3 +77,52 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
     load_dcp(wanted, checkpoint.store, checkpoint.name, "model_optim",
              expected=checkpoint.model_optim, ignored=("optim.",), no_dist=True)  # fmt: skip
     return config, {k: v.float() for k, v in wanted["model"].items()}
+
+
+def model_weights(source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(architecture, full state dict) of `source`: an esmdist checkpoint (`…/step_NNNNNNNNN`),
+    a fair-esm `.pt` file or a Hugging Face EsmForMaskedLM directory — local or s3://."""
+    from esmdist.model import convert
+
+    if STEP_DIR.match(source.rstrip("/").rsplit("/", 1)[-1]):
+        return consolidated_weights(source)
+    if "://" in source:
+        with tempfile.TemporaryDirectory(prefix="esmdist-model-") as scratch:
+            return model_weights(str(_download(source, Path(scratch))))
+    path = Path(source)
+    if path.is_dir():
+        return convert.load_hf(path)
+    if path.is_file():
+        return convert.load_fair_esm_checkpoint(path)
+    raise FileNotFoundError(f"{source}: no such checkpoint file or model directory")
+
+
+def _download(url: str, scratch: Path) -> Path:
+    """A fair-esm file (with its contact-regression companion) or a model directory, fetched."""
+    from esmdist.storage import Store
+
+    parent, _, name = url.rstrip("/").rpartition("/")
+    store = Store(parent)
+    if not store.exists(name):
+        raise FileNotFoundError(f"{url}: no such model file or directory")
+    target = scratch / name
+    if store.fs.isdir(store.path(name)):  # a Hugging Face directory (flat)
+        target.mkdir()
+        for file in store.files(name):
+            store.retry(f"downloading {url}/{file}",
+                        lambda f=file: store.fs.get_file(store.path(name, f), str(target / f)))  # fmt: skip
+        return target
+    companion = name.removesuffix(".pt") + "-contact-regression.pt"
+    for file in (name, companion) if store.exists(companion) else (name,):
+        store.retry(f"downloading {parent}/{file}",
+                    lambda f=file: store.fs.get_file(store.path(f), str(scratch / f)))  # fmt: skip
+    return target
+
+
+def model_source_exists(source: str) -> bool:
+    if "://" not in source:
+        return Path(source).exists()
+    from esmdist.storage import Store
+
+    parent, _, name = source.rstrip("/").rpartition("/")
+    return Store(parent).exists(name)

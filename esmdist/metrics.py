@@ -96,7 +96,7 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("time",))
+        shown = " ".join(f"{k}={_fmt(k, v)}" for k, v in record.items() if k not in ("time",))
         print(shown, file=sys.stdout, flush=True)
 
     def close(self) -> None:
@@ -106,7 +106,10 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _fmt(value) -> str:
+def _fmt(key: str, value) -> str:
+    if key in ("eta_s", "wall_s") and isinstance(value, float) and math.isfinite(value):
+        minutes, seconds = divmod(round(value), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"  # H:MM:SS in the console
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)

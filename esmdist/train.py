@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, step_name
 from esmdist.collectives import all_reduce_max, all_reduce_sum, barrier, gather_objects
-from esmdist.config import JobConfig, load_config
+from esmdist.config import JobConfig, config_keys, load_config
 from esmdist.data.stream import (
     DataError,
     ShardSet,
@@ -37,11 +37,14 @@ from esmdist.data.stream import (
     validation_batches,
 )
 from esmdist.eval.perplexity import masked_perplexity
+from esmdist.export import model_weights
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
 from esmdist.model import ModelConfig
 from esmdist.optim import build_optimizer, set_schedule_step
 from esmdist.parallel import DistInfo, Engine, EngineSettings, build_engine, init_distributed
+from esmdist.parallel.engine import load_full_weights
 from esmdist.parallel.prepare import training_model
+from esmdist.preflight import quick_problems, world_size_from_environment
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import FINAL_EXPORT, PREEMPTED_MARKER
 from esmdist.storage import StorageError
@@ -65,7 +68,9 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description="Pretrain an ESM model. Override any config key with --section.key=value.",
         epilog="Example: launcher/pretrain.py --config configs/debug-cpu.toml "
-        "--train.max_steps=50 --parallel.backend=fsdp",
+        "--train.max_steps=50 --parallel.backend=fsdp\n\nConfig keys and their defaults:\n  "
+        + "\n  ".join(config_keys()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="TOML run config (configs/*.toml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -74,20 +79,41 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
     return load_config(args.config, rest), args
 
 
-def engine_for(config: JobConfig, info: DistInfo) -> Engine:
+def engine_for(config: JobConfig, info: DistInfo, weights: dict | None = None) -> Engine:
     """This rank's engine for `config`: the model from train.seed (on the meta device for
-    FSDP's per-shard initialisation), its training transforms, the parallel wrap, AdamW."""
+    FSDP's per-shard initialisation) or from `weights` (a full state dict: model.init_from),
+    its training transforms, the parallel wrap, AdamW."""
     parallel, train = config.parallel, config.train
+    on_meta = parallel.backend == "fsdp" and parallel.meta_init
     model = training_model(
-        config.model.build(), train.seed, info.device,
-        on_meta=parallel.backend == "fsdp" and parallel.meta_init,
+        config.model.build(), train.seed, info.device, on_meta=on_meta,
         activation_checkpointing=train.activation_checkpointing,
         compile=train.compile and parallel.backend != "deepspeed",
     )  # fmt: skip
+    if weights is not None and not on_meta:
+        model.load_state_dict(weights)  # before any wrap: every backend sees the same model
     settings = EngineSettings(train.dtype, config.optim.grad_clip,
                               config.accumulation(info.world_size), train.seed)  # fmt: skip
     make_optimizer = functools.partial(build_optimizer, config.optim, train.max_steps)
-    return build_engine(model, parallel, info, settings, make_optimizer)
+    engine = build_engine(model, parallel, info, settings, make_optimizer)
+    if weights is not None and on_meta:
+        # Sharded as it loads: rank 0's full copy is scattered to the others' shards.
+        load_full_weights(engine.model, weights if info.is_main else {})
+    return engine
+
+
+def initial_weights(config: JobConfig, info: DistInfo) -> dict | None:
+    """The state dict of model.init_from, its architecture checked against the config (None
+    without init_from). Under sharded FSDP only rank 0 keeps it."""
+    if not config.model.init_from:
+        return None
+    source, weights = model_weights(config.model.init_from)
+    config.model.check_init(source)
+    if info.is_main:
+        print(f"initialised from {config.model.init_from} ({source.arch}, "
+              f"{source.num_params():,} parameters)", flush=True)  # fmt: skip
+    sharded = config.parallel.backend == "fsdp" and config.parallel.meta_init
+    return {} if sharded and not info.is_main else weights
 
 
 @dataclass
@@ -98,7 +124,10 @@ class Progress:
     tokens_seen: int = 0
     skipped: int = 0
     bad_in_a_row: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    """When this attempt started (wall time is per attempt; the step counts over the run)."""
     window_start: float = field(default_factory=time.perf_counter)
+    window_steps: int = 0
     window_tokens: int = 0
     window_flops: float = 0.0
 
@@ -204,7 +233,8 @@ def setup(config: JobConfig) -> Run:
         checkpointer.begin(where)
         resume = None if where is None else resumable(checkpointer, where, config,
                                                       info.world_size, train_shards.fingerprint)  # fmt: skip
-        engine = engine_for(config, info)
+        # A resume continues the run (its own weights), not the initialisation.
+        engine = engine_for(config, info, initial_weights(config, info) if resume is None else None)
         progress, data_resume, run_id = Progress(), None, None
         if resume is not None:
             checkpoint, state = resume
@@ -233,10 +263,11 @@ def loop(run: Run, stop: StopRequest) -> dict:
     last: dict = {}
     for step in range(run.progress.step + 1, train.max_steps + 1):
         result = train_step(run, [next(batches) for _ in range(run.accumulation)])
+        run.progress.window_steps += 1
         _count_bad_steps(run, step, result.applied)
         final_step = step == train.max_steps
         if result.applied and (step % train.log_every == 0 or final_step):
-            last = _metrics(run, result)
+            last = _metrics(run, step, result)
             run.logger.log(step, last)
         if run.valid_shards and train.valid_every and (step % train.valid_every == 0 or final_step):
             last["valid_perplexity"] = validate(run.engine, run.valid_shards, run.config, run.info)
@@ -324,10 +355,13 @@ def _count_bad_steps(run: Run, step: int, applied: bool) -> None:
         )
 
 
-def _metrics(run: Run, result: StepResult) -> dict:
-    """The logged record of the window since the last one (then a new window starts)."""
-    progress, info = run.progress, run.info
-    elapsed = time.perf_counter() - progress.window_start
+def _metrics(run: Run, step: int, result: StepResult) -> dict:
+    """The logged record of the window since the last one (then a new window starts); the
+    ETA is the remaining steps at this window's time per step."""
+    progress, info, max_steps = run.progress, run.info, run.config.train.max_steps
+    now = time.perf_counter()
+    elapsed = now - progress.window_start
+    step_time = elapsed / max(progress.window_steps, 1)
     tokens = all_reduce_sum(torch.tensor([float(progress.window_tokens)])).item()
     flops = all_reduce_sum(torch.tensor([progress.window_flops])).item()
     record = {
@@ -339,17 +373,18 @@ def _metrics(run: Run, result: StepResult) -> dict:
         "tflops_per_device": flops / elapsed / info.world_size / 1e12,
         "tokens_seen": progress.tokens_seen,
         "skipped_steps": progress.skipped,
+        "step_time_s": step_time,
+        "done_pct": 100.0 * step / max_steps,
+        "eta_s": step_time * (max_steps - step),
+        "wall_s": now - progress.started,
     }
     peak = peak_tflops(run.config.parallel.peak_tflops, run.config.train.dtype, info.device)
     if peak:
         record["mfu"] = record["tflops_per_device"] / peak
     if info.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-    progress.window_start, progress.window_tokens, progress.window_flops = (
-        time.perf_counter(),
-        0,
-        0.0,
-    )
+    progress.window_start, progress.window_steps = time.perf_counter(), 0
+    progress.window_tokens, progress.window_flops = 0, 0.0
     return record
 
 
@@ -395,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
     try:
         config, _ = parse_args(argv)
+        # Before any process group or DeepSpeed op build (minutes): what a config can get wrong.
+        found = quick_problems(config, world_size_from_environment())
+        if found:
+            raise ValueError("; ".join(found))
         train(config)
     except Preempted as exc:
         print(f"pretrain: {exc}; exiting with {PREEMPTED_EXIT} for requeue", flush=True)

@@ -14,7 +14,7 @@ from transformers import EsmForMaskedLM
 
 from esmdist import alphabet
 from esmdist.model import ESM, MODEL_SIZES, build_model, model_config
-from esmdist.model.convert import load_fair_esm_checkpoint, save_fair_esm_checkpoint
+from esmdist.model.convert import load_fair_esm_checkpoint, save_fair_esm_checkpoint, save_hf
 from tests.reference import esm1b_args, esmdist_from_fair, fair_esm1b, fair_esm2, masked_batch
 
 
@@ -91,6 +91,29 @@ def test_our_fair_esm_files_load_in_fair_esm(make, tmp_path, real_sequences):
     reference = fair_esm_load_local(path)
     tokens = masked_batch(real_sequences)
     assert (ours(tokens).logits - reference(tokens)["logits"]).abs().max() < 1e-4
+
+
+def test_a_fair_esm_file_needs_the_documented_safe_globals_line(tmp_path):
+    """Stock fair-esm 2.0.0 on torch >= 2.6 refuses every ESM file (its own published ones too)
+    for the argparse.Namespace inside; the README's one-line workaround is what loads it."""
+    config, ours = esmdist_from_fair(fair_esm2())
+    path = tmp_path / "esm2_t3_out.pt"
+    save_fair_esm_checkpoint(ours.state_dict(), config, path)
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        esm.pretrained.load_model_and_alphabet_local(path)
+    assert fair_esm_load_local(path) is not None
+
+
+@pytest.mark.parametrize("make, name", [(fair_esm2, "mine.pt"), (fair_esm1b, "esm2_mine.pt")])
+def test_a_name_fair_esm_would_misread_is_refused(make, name, tmp_path, capsys):
+    from esmdist.cli import main
+
+    config, ours = esmdist_from_fair(make())
+    source = tmp_path / "hf"
+    save_hf(ours.state_dict(), config, source)
+    assert main(["export", str(source), "--to", "fair-esm", str(tmp_path / name)]) == 2
+    assert "fair-esm picks the format from the file name" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
 
 
 class _RunsCode:

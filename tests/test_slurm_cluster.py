@@ -109,6 +109,8 @@ def uninterrupted(cluster, workspace) -> tuple[str, Path]:
     info = cluster.wait_done(shard_job, timeout=180, release=False)
     assert info["JobState"] == "COMPLETED", shard_log.read_text()
     assert (workspace / "shards" / "manifest.json").is_file()
+    assert "ok: " in cluster.run(ESMDIST, "check", "--config", "run.toml", "--world-size", "2",
+                                 cwd=workspace)  # fmt: skip
     return job, workspace / "logs" / f"esmdist-run-{job}.out"
 
 

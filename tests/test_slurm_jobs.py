@@ -157,7 +157,7 @@ def write_committed(root: Path, step: int) -> None:
 def test_status_says_finished_stopped_or_unfinished(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["status", "--config", str(REPO / "configs" / "debug-cpu.toml"),
-            f"--train.output_dir={out}", "--train.max_steps=12"]  # fmt: skip
+            f"--train.output_dir={out}", "--train.max_steps=12", "--optim.warmup_steps=2"]  # fmt: skip
     assert cli(args) == 1
     assert "committed step none of 12; unfinished" in capsys.readouterr().out
     write_committed(out / "checkpoints", 8)
@@ -246,7 +246,7 @@ def run_job_script(tmp_path: Path, scenario: str, restarts: str, wait: bool = Tr
            "FAKE_OUTPUT": str(out), "FAKE_SCENARIO": scenario}  # fmt: skip
     command = ["bash", str(REPO / "slurm" / "pretrain.sbatch"),
                str(REPO / "configs" / "debug-cpu.toml"), f"--train.output_dir={out}",
-               "--train.max_steps=12"]  # fmt: skip
+               "--train.max_steps=12", "--optim.warmup_steps=2"]  # fmt: skip
     if wait:
         return subprocess.run(command, env=env, capture_output=True, text=True)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

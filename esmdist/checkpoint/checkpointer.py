@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -51,6 +49,7 @@ from esmdist.collectives import (
     rank_world,
 )
 from esmdist.storage import Digests, StorageError, Store
+from esmdist.version import version_info as package_version
 
 
 @dataclass(frozen=True)
@@ -95,19 +94,7 @@ def _on_every_rank(action) -> None:
 
 
 def version_info() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        esmdist_version = version("esmdist")
-    except PackageNotFoundError:
-        esmdist_version = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"esmdist": esmdist_version, "git_commit": commit or "unknown",
-            "torch": torch.__version__}  # fmt: skip
+    return {**package_version(), "torch": torch.__version__}
 
 
 class Checkpointer:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from esmdist import alphabet
 from esmdist.data.batch import PackedBatch
+from esmdist.eval.offload import compute_device
 from esmdist.model import ESM
 
 
@@ -29,7 +30,7 @@ def pseudo_perplexity(model: ESM, sequence: str, max_tokens: int = 16384) -> flo
 
     Each masked copy of the sequence is one row; rows are batched up to `max_tokens`.
     """
-    tokens = torch.from_numpy(alphabet.encode(sequence)).to(next(model.parameters()).device)
+    tokens = torch.from_numpy(alphabet.encode(sequence)).to(compute_device(model))
     length = len(sequence)
     rows_per_batch = max(1, max_tokens // len(tokens))
     total_nll = 0.0
@@ -65,7 +66,7 @@ def unigram_perplexity(train_sequences: Iterable[str], eval_sequences: Iterable[
 def masked_perplexity(model: ESM, batches: Iterable[PackedBatch]) -> tuple[float, int]:
     """exp(mean cross-entropy) over the masked positions of `batches` (the validation stream's
     fixed masks), and the number of positions scored."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     total, count = 0.0, 0
     for batch in batches:
         batch = batch.to(device)

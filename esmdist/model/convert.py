@@ -168,6 +168,13 @@ def save_fair_esm_checkpoint(
     `esm.pretrained.load_model_and_alphabet_local`. Name ESM-2 files `esm2_*.pt`: fair-esm
     picks the format from the file name."""
     path = Path(path)
+    # fair-esm reads a file as ESM-2 exactly when its name starts with "esm2": any other name
+    # loads, and then fails in fair-esm (KeyError: 'args').
+    if (config.arch == "esm2") != path.name.startswith("esm2"):
+        wanted = ("start with esm2 (e.g. esm2_t6_8M_mine.pt)" if config.arch == "esm2"
+                  else "not start with esm2 (e.g. esm1b_t33_650M_mine.pt)")  # fmt: skip
+        raise ValueError(f"{path}: fair-esm picks the format from the file name; the name of "
+                         f"an {config.arch} file must {wanted}")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     full = to_fair_esm_state_dict(state_dict, config)
     regression = {k: full.pop(k) for k in list(full) if k.startswith("contact_head.")}

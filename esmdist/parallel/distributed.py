@@ -46,20 +46,23 @@ def init_distributed(backend: str) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    # FSDP2 needs a process group even for one process (its device mesh would otherwise make a
-    # NCCL-only one, on which the loop's small CPU collectives fail).
-    if (world_size > 1 or backend == "fsdp") and not dist.is_initialized():
+    # Every backend but "single" runs in a process group, also as one plain `python` process:
+    # DDP and FSDP2 need one (FSDP2's device mesh would otherwise make a NCCL-only one, on which
+    # the loop's small CPU collectives fail), and DeepSpeed then adopts it instead of looking
+    # for MPI. The group of one gets the variables a launcher would have set.
+    if (world_size > 1 or backend != "single") and not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
         # On GPUs, tensors on the GPU go through NCCL and the loop's small host-side flags and
         # counts (stop requests, masked-token counts) through gloo, with no device copies.
         comm = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        init_method = None
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # plain `python`, no launcher
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                init_method = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-        dist.init_process_group(comm, init_method=init_method, rank=rank, world_size=world_size,
+        dist.init_process_group(comm, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)  # fmt: skip
-    if backend == "deepspeed" and world_size > 1:
+    if backend == "deepspeed":
         import deepspeed
 
         # Adopts the process group made above.

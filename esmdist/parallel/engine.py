@@ -174,6 +174,15 @@ def wrap_fsdp(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
 WRAPS = {"single": wrap_single, "ddp": wrap_ddp, "fsdp": wrap_fsdp}
 
 
+def load_full_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict held by rank 0 (the others pass {}) into an FSDP2-sharded model:
+    each rank receives its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=True))  # fmt: skip
+
+
 class TorchEngine(Engine):
     """single / ddp / fsdp: a wrapped model, torch's AdamW and clipping, DCP checkpoints."""
 

@@ -98,6 +98,10 @@ def join_partition(options: ShardOptions, partitions: int, work: str, part: int)
     if options.clusters:
         members = read_partition(work_path / "spill1" / "members", part, MEMBERS)
         groups = _cluster_of(options, members, records)
+        # Table lines naming a member that no input holds (a table of a larger database).
+        absent = pc.invert(pc.is_in(members["member"], value_set=records["id"].combine_chunks()))
+        if absent_count := int(pc.sum(absent).as_py() or 0):
+            skipped["cluster_member_without_sequence"] += absent_count
         missing = groups.is_null().to_numpy(zero_copy_only=False)
         if missing.any():
             row = int(in_input_order(records, np.flatnonzero(missing))[0])
@@ -105,8 +109,10 @@ def join_partition(options: ShardOptions, partitions: int, work: str, part: int)
                 raise ShardError(
                     f"{options.inputs[records['input'][row].as_py()]}: record "
                     f"{records['record'][row].as_py()}: sequence {records['id'][row].as_py()!r} "
-                    f"is not in the cluster table {options.clusters} (use --on-missing-member "
-                    "skip to leave it out)"
+                    f"is not in the cluster table {options.clusters} (looked up by that id: "
+                    "UniProt sp|ACC|NAME headers by the accession, other headers by their first "
+                    "word; shards/README.md 'Record ids'). Use --on-missing-member skip to "
+                    "leave such sequences out"
                 )
             skipped["missing_from_clusters"] += int(missing.sum())
             keep = pa.array(~missing)

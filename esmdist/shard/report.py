@@ -52,4 +52,15 @@ def format_report(manifest: dict) -> str:
     for title, table in (("skipped", counts["skipped"]), ("normalised", counts["normalised"])):
         if table:
             lines.append(f"  {title}: " + ", ".join(f"{k}={v:,}" for k, v in table.items()))
+    lines += empty_split_warnings(manifest)
     return "\n".join(lines)
+
+
+def empty_split_warnings(manifest: dict) -> list[str]:
+    """A held-out split asked for but without a sample (too small an input for its fraction)."""
+    counts = manifest["counts"]["splits"]
+    total = manifest["counts"]["samples"]
+    return [f"warning: split '{name}' is empty: {fraction} of {total:,} samples rounds to none "
+            f"by the split hash; raise its fraction (--split {name}=…) to hold samples out"
+            for name, fraction in manifest["options"]["splits"]
+            if fraction > 0 and not counts.get(name, {}).get("samples")]  # fmt: skip

@@ -59,10 +59,11 @@ def default_work_dir(out: str) -> Path:
 
 
 def run_sharding(
-    options: ShardOptions, workers: int = 1, work_dir: Path | None = None, keep_work: bool = False
-) -> dict:
-    """Shard `options.inputs` into `options.out`; returns the manifest. Resumes a crashed run
-    with the same options from its work directory."""
+    options: ShardOptions, workers: int = 1, work_dir: Path | None = None, keep_work: bool = False,
+    restart: bool = False,
+) -> dict:  # fmt: skip
+    """Shard `options.inputs` into `options.out`; returns the manifest. Resumes a crashed or
+    failed run with the same options from its work directory (`restart`: discards it)."""
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     store = Store(options.out)
@@ -75,10 +76,15 @@ def run_sharding(
     work.mkdir(parents=True, exist_ok=True)
     with work_lock(work):
         plan_file = work / "plan.json"
+        if restart:
+            _discard_unfinished(work)
         plan = read_json(plan_file)
         if plan is not None and plan["options"] != identity:
-            raise ShardError(f"{work} holds an unfinished run with other options; delete it or "
-                             "use the same options")  # fmt: skip
+            differ = sorted(k for k in identity if plan["options"].get(k) != identity[k])
+            raise ShardError(
+                f"{work} holds an unfinished run with other options ({', '.join(differ)}); add "
+                "--restart to discard it and start over with these, or rerun with the same"
+            )
         if plan is None:
             plan = {"options": identity, "partitions": partitions}
             atomic_write(plan_file, json.dumps(plan, indent=1).encode())
@@ -103,6 +109,17 @@ def run_sharding(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _discard_unfinished(work: Path) -> None:
+    """Empty the work directory (keeping its lock file, held by this run)."""
+    for entry in work.iterdir():
+        if entry.name == "LOCK":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _recorded_inputs(read: dict) -> list[dict]:
