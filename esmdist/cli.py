@@ -7,13 +7,10 @@ called (and tested) from Python.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import sys
 from pathlib import Path
-
-from esmdist.model.config import MODEL_SIZES
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -84,80 +81,6 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else None
     manifest = run_sharding(options, args.workers, work_dir, args.keep_work, args.restart)
     print(format_report(manifest))
-    return 0
-
-
-def _load_model(spec: str, seed: int, offload: bool = False):
-    import torch
-
-    from esmdist.model import ESM, build_model, model_config
-
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec in MODEL_SIZES and not offload:
-        print(f"model: untrained '{spec}' (random init, seed {seed})")
-        return build_model(model_config(spec)).eval().to(device)
-    if spec in MODEL_SIZES:
-        config = model_config(spec)
-        state = build_model(config).state_dict()
-    else:
-        from esmdist.export import model_weights
-
-        config, state = model_weights(spec)
-    where = "host memory, run block by block on " if offload else ""
-    print(f"model: {spec} ({config.arch}, {config.num_params():,} parameters) on {where}{device}")
-    if offload:
-        from esmdist.eval.offload import offloaded_model
-
-        return offloaded_model(config, state)
-    model = ESM(config)
-    model.load_state_dict(state)
-    return model.eval().to(device)
-
-
-def _cmd_eval_pppl(args: argparse.Namespace) -> int:
-    from esmdist.data.fasta import read_fasta
-    from esmdist.eval.perplexity import pseudo_perplexity, unigram_perplexity
-
-    if args.limit < 1:
-        raise ValueError("--limit must be at least 1 (the number of sequences to score)")
-    model = _load_model(args.model, args.seed, args.offload)
-    records = list(itertools.islice(read_fasta(args.fasta), args.limit))
-    if not records:
-        raise ValueError(f"{args.fasta}: no sequences to score")
-    print(f"scoring the first {len(records)} sequence(s) of {args.fasta} (--limit {args.limit})")
-    scores = []
-    for record in records:
-        ppl = pseudo_perplexity(model, record.sequence)
-        scores.append(ppl)
-        print(f"{record.id}\tlength={len(record.sequence)}\tpseudo_perplexity={ppl:.3f}")
-    baseline = unigram_perplexity((r.sequence for r in read_fasta(args.fasta)),
-                                  (r.sequence for r in records))  # fmt: skip
-    mean = sum(scores) / len(scores)
-    print(f"mean pseudo-perplexity over {len(scores)} sequences: {mean:.3f} "
-          f"(unigram baseline {baseline:.3f}; uniform over 20 residues: 20.000)")  # fmt: skip
-    return 0
-
-
-def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from esmdist.data.stream import DataConfig, ShardSet, validation_batches
-    from esmdist.eval.perplexity import masked_perplexity, unigram_perplexity
-
-    model = _load_model(args.model, args.seed, args.offload)
-    config = DataConfig(path=args.shards, max_tokens=args.max_tokens,
-                        crop_length=args.crop_length, num_workers=0)  # fmt: skip
-    held_out = ShardSet.from_directory(args.shards, args.split)
-    train = ShardSet.from_directory(args.shards, "train")
-    ppl, count = masked_perplexity(model, validation_batches(held_out, config))
-
-    def sequences(shards: ShardSet):
-        for shard in range(len(shards.urls)):
-            for _, seqs in shards.read(shard):
-                yield from seqs
-
-    baseline = unigram_perplexity(sequences(train), sequences(held_out))
-    print(f"{args.split}: masked-LM perplexity {ppl:.3f} over {count:,} masked residues of "
-          f"{held_out.total:,} samples (unigram baseline fitted on train: {baseline:.3f})")  # fmt: skip
     return 0
 
 
@@ -294,48 +217,6 @@ def _add_shard(sub) -> None:
     shard.set_defaults(func=_cmd_shard)
 
 
-def _add_eval(sub) -> None:
-    evaluate = sub.add_parser("eval", help="evaluate a model")
-    eval_sub = evaluate.add_subparsers(dest="metric", required=True)
-
-    def add_model_arguments(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--model", required=True,
-                             help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), "
-                             "a fair-esm .pt file or a Hugging Face directory")  # fmt: skip
-        command.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
-        command.add_argument("--offload", action="store_true",
-                             help="keep the parameters in host memory and run block by block "
-                             "(FSDP2 CPU offload): for models larger than the GPU, e.g. ESM-2 15B")  # fmt: skip
-
-    perplexity = eval_sub.add_parser(
-        "perplexity",
-        help="masked-LM perplexity on a held-out split of a sharded dataset",
-        description="Score the validation stream (fixed masks: comparable across runs) of a "
-        "sharded dataset, next to the unigram perplexity fitted on its train split.",
-    )
-    add_model_arguments(perplexity)
-    perplexity.add_argument("--shards", required=True, help="directory written by esmdist shard")
-    perplexity.add_argument("--split", default="valid", help="held-out split (default: valid)")
-    perplexity.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
-    perplexity.add_argument("--crop-length", type=int, default=1024,
-                            help="longest sequence in tokens (match the run's data.crop_length "
-                            "to compare with its logged validation perplexity)")  # fmt: skip
-    perplexity.set_defaults(func=_cmd_eval_perplexity)
-
-    pppl = eval_sub.add_parser(
-        "pppl",
-        help="per-sequence pseudo-perplexity on a FASTA file",
-        description="Mask every residue in turn and report exp(mean NLL) per sequence, with the "
-        "unigram (residue-frequency) perplexity of the same sequences as the baseline.",
-    )
-    add_model_arguments(pppl)
-    pppl.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
-    pppl.add_argument("--limit", type=int, default=16,
-                      help="score the first N sequences of the file (default: %(default)s; one "
-                      "forward pass per residue each)")  # fmt: skip
-    pppl.set_defaults(func=_cmd_eval_pppl)
-
-
 def _add_check(sub) -> None:
     check = sub.add_parser(
         "check",
@@ -430,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"esmdist {about['esmdist']} (git {about['git_commit']})")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_shard, _add_eval, _add_check, _add_submit, _add_status):
+    from esmdist.cli_eval import add_eval
+
+    for add in (_add_export, _add_shard, add_eval, _add_check, _add_submit, _add_status):
         add(sub)
     return parser
 

@@ -1,10 +1,10 @@
 """Checks before a run starts (`esmdist check`, and the launcher before any process group or
 DeepSpeed op build): each problem is one line naming the key and the fix.
 
-Quick checks (the launcher, every rank): the config for this world size, the optional packages
-the config needs, credentials for its s3:// paths. Full checks (`esmdist check`) add what reads
-or writes storage: the dataset's manifest and shard table, a test write in the checkpoint root,
-the init_from weights.
+Quick checks (every rank): the config for this world size, the optional packages the config
+needs, credentials for its s3:// paths. Storage checks (`esmdist check`, and the launcher's
+first rank): the dataset's manifest and shard table, a test write in the checkpoint root, the
+init_from weights' existence.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from esmdist.optim import build_optimizer, set_schedule_step
 from esmdist.parallel import DistInfo, Engine, EngineSettings, build_engine, init_distributed
 from esmdist.parallel.engine import load_full_weights
 from esmdist.parallel.prepare import training_model
-from esmdist.preflight import quick_problems, world_size_from_environment
+from esmdist.preflight import quick_problems, storage_problems, world_size_from_environment
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import FINAL_EXPORT, PREEMPTED_MARKER
 from esmdist.storage import StorageError
@@ -430,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
     try:
         config, _ = parse_args(argv)
-        # Before any process group or DeepSpeed op build (minutes): what a config can get wrong.
+        # Before any process group or DeepSpeed op build (minutes): `esmdist check`'s checks,
+        # those that touch storage on the first rank only (its failure ends the others: every
+        # launcher stops a job's ranks when one exits with an error).
         found = quick_problems(config, world_size_from_environment())
+        if not found and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            found = storage_problems(config)
         if found:
             raise ValueError("; ".join(found))
         train(config)

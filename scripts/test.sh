@@ -4,7 +4,7 @@
 # cluster on this machine when it is root; deselect them with: scripts/test.sh -m "not slurm").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,s3,deepspeed,wandb
+bash scripts/setup.sh dev,s3,deepspeed,wandb,eval
 . .venv/bin/activate
 ruff check .
 ruff format --check .

@@ -1,0 +1,107 @@
+"""One protein chain of a PDB, mmCIF or BinaryCIF file (biotite) as what contact evaluation
+needs: its sequence and the true contact map.
+
+The sequence is the chain's observed amino-acid residues in order (first model, first altloc,
+insertion codes as their own residues, modified residues by their parent's letter: MSE → M),
+as fair-esm's contact notebook reads it; residues absent from the coordinates are absent from
+the sequence. Contacts are Cβ–Cβ < 8 Å with fair-esm's virtual Cβ for every residue (built
+from N, CA and C, its notebook's `extend(C, N, CA, 1.522, 1.927, -2.143)`); a residue missing
+one of those atoms has no contacts (-1: not scored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CONTACT_ANGSTROM = 8.0
+
+
+class StructureError(ValueError):
+    """A structure file or chain that cannot be evaluated: names the file and chain."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    """`file:chain`, for reports."""
+    sequence: str
+    contacts: np.ndarray
+    """[L, L] int8: 1 contact, 0 none, -1 not scored (a residue without N, CA or C)."""
+
+
+def extend(a: np.ndarray, b: np.ndarray, c: np.ndarray, length: float, angle: float,
+           dihedral: float) -> np.ndarray:  # fmt: skip
+    """The point at `length` from `c`, making `angle` with b–c and `dihedral` with a–b–c
+    (fair-esm's notebook, for the virtual Cβ)."""
+
+    def unit(x):
+        return x / np.sqrt(np.square(x).sum(-1, keepdims=True) + 1e-8)
+
+    bc = unit(b - c)
+    n = unit(np.cross(b - a, bc))
+    frame = [bc, np.cross(n, bc), n]
+    offsets = [length * np.cos(angle), length * np.sin(angle) * np.cos(dihedral),
+               -length * np.sin(angle) * np.sin(dihedral)]  # fmt: skip
+    return c + sum(m * d for m, d in zip(frame, offsets, strict=True))
+
+
+def virtual_cb(n: np.ndarray, ca: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return extend(c, n, ca, 1.522, 1.927, -2.143)
+
+
+def contact_map(cb: np.ndarray) -> np.ndarray:
+    distance = np.sqrt(np.square(cb[:, None] - cb[None]).sum(-1))
+    contacts = (distance < CONTACT_ANGSTROM).astype(np.int8)
+    missing = np.isnan(cb).any(-1)
+    contacts[missing] = -1
+    contacts[:, missing] = -1
+    return contacts
+
+
+def _atoms(path: Path):
+    import biotite.structure.io.pdb as pdb
+    import biotite.structure.io.pdbx as pdbx
+
+    suffix = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+    try:
+        if suffix == "pdb":
+            return pdb.PDBFile.read(str(path)).get_structure(model=1)
+        if suffix in ("cif", "mmcif"):
+            return pdbx.get_structure(pdbx.CIFFile.read(str(path)), model=1)
+        if suffix == "bcif":
+            return pdbx.get_structure(pdbx.BinaryCIFFile.read(str(path)), model=1)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StructureError(f"{path}: cannot read the structure ({exc})") from None
+    raise StructureError(f"{path}: not a .pdb, .cif or .bcif file")
+
+
+def read_chain(path: str | Path, chain: str | None = None) -> Chain:
+    """`chain` (author chain id; the first protein chain when None) of the structure file."""
+    import biotite.structure as struc
+    import biotite.structure.info as info
+
+    path = Path(path)
+    if not path.is_file():
+        raise StructureError(f"{path}: no such structure file")
+    atoms = _atoms(path)
+    atoms = atoms[struc.filter_amino_acids(atoms)]
+    chains = list(dict.fromkeys(atoms.chain_id.tolist()))
+    if not chains:
+        raise StructureError(f"{path}: no amino-acid residues")
+    chain = chain or chains[0]
+    if chain not in chains:
+        raise StructureError(f"{path}: no protein chain {chain!r} (chains: {', '.join(chains)})")
+    atoms = atoms[atoms.chain_id == chain]
+    starts = struc.get_residue_starts(atoms)
+    letters, coordinates = [], np.full((len(starts), 3, 3), np.nan)
+    for index, residue in enumerate(struc.residue_iter(atoms)):
+        letters.append(info.one_letter_code(residue.res_name[0]) or "X")
+        for slot, atom in enumerate(("N", "CA", "C")):
+            found = residue.coord[residue.atom_name == atom]
+            if len(found):
+                coordinates[index, slot] = found[0]
+    cb = virtual_cb(coordinates[:, 0], coordinates[:, 1], coordinates[:, 2])
+    return Chain(f"{path.name}:{chain}", "".join(letters), contact_map(cb))
