@@ -114,6 +114,78 @@ def _cmd_eval_contacts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_dms(path: str, mutant_column: str, score_column: str, sequence: str, offset: int):
+    """(mutant codes, their mutations, measured scores) of a DMS table; errors name the row."""
+    import csv
+
+    import numpy as np
+
+    from esmdist.eval.variants import parse_mutant
+
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        for column in (mutant_column, score_column):
+            if column not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: no column {column!r} (columns: "
+                                 f"{', '.join(reader.fieldnames or [])})")  # fmt: skip
+        codes, mutants, measured = [], [], []
+        for row_number, row in enumerate(reader, start=2):
+            where = f"{path}: row {row_number}"
+            try:
+                value = float(row[score_column])
+            except ValueError:
+                raise ValueError(
+                    f"{where}: {score_column} {row[score_column]!r} is not a number"
+                ) from None
+            codes.append(row[mutant_column])
+            mutants.append(parse_mutant(row[mutant_column], sequence, offset, where))
+            measured.append(value)
+    if not codes:
+        raise ValueError(f"{path}: no rows")
+    return codes, mutants, np.array(measured)
+
+
+def _cmd_eval_variants(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from esmdist.data.fasta import read_fasta
+    from esmdist.eval.variants import score_mutants, spearman
+
+    source = Path(args.sequence)
+    sequence = next(iter(read_fasta(args.sequence))).sequence if source.is_file() else args.sequence
+    codes, mutants, measured = _read_dms(args.dms, args.mutant_column, args.score_column,
+                                         sequence, args.offset)  # fmt: skip
+    model = _load_model(args.model, args.seed, args.offload)
+    predicted = score_mutants(model, sequence, mutants, args.scoring)
+    rho = spearman(predicted, measured)
+    print(f"{args.dms}: {len(codes):,} variants, {args.scoring}: Spearman ρ = {rho:.4f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"model": args.model, "dms": args.dms, "scoring": args.scoring,
+                   "variants": len(codes), "spearman": rho}  # fmt: skip
+        (out / "variants.json").write_text(json.dumps(summary, indent=1))
+        with open(out / "variants.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["mutant", args.score_column, "predicted"])
+            writer.writerows(zip(codes, measured.tolist(), predicted.tolist(), strict=True))
+    return 0
+
+
+def _cmd_eval_embed(args: argparse.Namespace) -> int:
+    from esmdist.data.fasta import read_fasta
+    from esmdist.eval.embed import embed_fasta, resolve_layers
+
+    model = _load_model(args.model, args.seed, args.offload)
+    layers = resolve_layers(args.layers, model.config.num_layers)
+    report = embed_fasta(model, read_fasta(args.fasta), args.out, layers, args.per_residue,
+                         args.max_tokens)  # fmt: skip
+    cut = f"; {report.truncated:,} cut to the model's window" if report.truncated else ""
+    print(f"{args.out}: {report.sequences:,} sequences, layers {layers}{cut}")
+    return 0
+
+
 def add_eval(sub) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)
@@ -169,3 +241,40 @@ def add_eval(sub) -> None:
                           "first protein chain)")  # fmt: skip
     contacts.add_argument("--out", help="write contacts.json and contacts.csv here")
     contacts.set_defaults(func=_cmd_eval_contacts)
+
+    variants = eval_sub.add_parser(
+        "variants",
+        help="zero-shot variant effects on a DMS table (Spearman ρ, as ESM-1v)",
+        description="Score every mutant of a deep mutational scan (A23V, or A23V:G45L added up) "
+        "with the model and report Spearman's ρ against the measured column. Scorings: "
+        "masked-marginals (ESM-1v's default), wt-marginals, pseudo-likelihood.",
+    )
+    add_model_arguments(variants)
+    variants.add_argument("--dms", required=True, help="CSV with a mutant and a score column")
+    variants.add_argument("--sequence", required=True,
+                          help="the wild type: a FASTA file (first record) or the sequence")  # fmt: skip
+    variants.add_argument("--score-column", required=True, help="the measured fitness column")
+    variants.add_argument("--mutant-column", default="mutant", help="default: %(default)s")
+    variants.add_argument("--offset", type=int, default=1,
+                          help="number of the sequence's first residue in the mutant codes "
+                          "(default: %(default)s)")  # fmt: skip
+    variants.add_argument("--scoring", default="masked-marginals",
+                          choices=["masked-marginals", "wt-marginals", "pseudo-likelihood"])  # fmt: skip
+    variants.add_argument("--out", help="write variants.json and variants.csv here")
+    variants.set_defaults(func=_cmd_eval_variants)
+
+    embed = eval_sub.add_parser(
+        "embed",
+        help="per-sequence (and per-residue) representations of a FASTA to parquet",
+        description="Mean representation over each sequence's residues (specials excluded, as "
+        "fair-esm's mean_representations) of the chosen layers, written to a parquet file in "
+        "packed batches: columns id, length, mean_<layer> (and residues_<layer>).",
+    )
+    add_model_arguments(embed)
+    embed.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
+    embed.add_argument("--out", required=True, help="the parquet file to write")
+    embed.add_argument("--layers", type=int, nargs="+", default=[-1],
+                       help="layer numbers, 0 the embeddings, -1 the last (default: -1)")  # fmt: skip
+    embed.add_argument("--per-residue", action="store_true", help="also every residue's vector")
+    embed.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
+    embed.set_defaults(func=_cmd_eval_embed)

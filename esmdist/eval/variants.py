@@ -1,0 +1,125 @@
+"""Zero-shot variant effects from a masked LM (Meier et al. 2021, ESM-1v; fair-esm's
+`examples/variant-prediction/predict.py`), read against a deep mutational scan by Spearman ρ.
+
+A mutant is `A23V` or several joined by `:` (`A23V:G45L`), positions numbered from `offset`
+(the number of the sequence's first residue); `WT` / `_wt` is the wild type itself (score 0). Scores of a multi-mutant add up over its
+mutations. Scorings:
+- masked marginals (ESM-1v's default): log p(mt) − log p(wt) at the position, masked;
+- wild-type marginals: the same from one unmasked forward of the wild type;
+- pseudo-likelihood: Σ_i log p(x_i | x masked at i) of the mutant sequence minus the wild
+  type's (one forward per residue per variant: slow).
+ESM-1b sees at most 1,022 residues: a longer sequence is scored in a window of that size
+centred on each position (clamped to the sequence).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from esmdist import alphabet
+from esmdist.eval.offload import compute_device
+
+SCORINGS = ("masked-marginals", "wt-marginals", "pseudo-likelihood")
+TOKEN_ID = {token: index for index, token in enumerate(alphabet.TOKENS)}
+_MUTATION = re.compile(r"([A-Z])(-?\d+)([A-Z])")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    wt: str
+    index: int
+    """0-based position in the sequence."""
+    mt: str
+
+
+def parse_mutant(code: str, sequence: str, offset: int, where: str) -> list[Mutation]:
+    """The mutations of `code`; an error naming `where` (file and row) for a malformed code,
+    a position outside the sequence or a wild-type letter that disagrees with it."""
+    if code.strip() in ("WT", "wt", "_wt"):  # the wild type's own row (ProteinGym, Hsu et al.)
+        return []
+    mutations = []
+    for part in code.split(":"):
+        found = _MUTATION.fullmatch(part.strip())
+        if not found:
+            raise ValueError(f"{where}: cannot read mutant {code!r} (write e.g. A23V or A23V:G45L)")
+        wt, position, mt = found.group(1), int(found.group(2)), found.group(3)
+        index = position - offset
+        if not 0 <= index < len(sequence):
+            raise ValueError(f"{where}: mutant {part} is outside the {len(sequence)}-residue "
+                             f"sequence numbered from {offset} (--offset)")  # fmt: skip
+        if sequence[index] != wt:
+            raise ValueError(f"{where}: mutant {part} says position {position} is {wt}, the "
+                             f"sequence has {sequence[index]} there (check --offset)")  # fmt: skip
+        mutations.append(Mutation(wt, index, mt))
+    return mutations
+
+
+def _window(model, length: int, index: int) -> tuple[int, int]:
+    limit = model.config.max_positions - 2 if model.config.arch == "esm1b" else length
+    if length <= limit:
+        return 0, length
+    start = min(max(index - limit // 2, 0), length - limit)
+    return start, start + limit
+
+
+@torch.no_grad()
+def position_log_probs(model, sequence: str, indices: list[int], masked: bool,
+                       max_tokens: int = 16384) -> dict[int, np.ndarray]:  # fmt: skip
+    """log p(· | context) [vocabulary] at each of `indices`: with the position masked, or
+    (`masked=False`) from the unmasked sequence. Batched up to `max_tokens` per forward."""
+    device, out = compute_device(model), {}
+    by_window: dict[tuple[int, int], list[int]] = {}
+    for index in sorted(set(indices)):
+        by_window.setdefault(_window(model, len(sequence), index), []).append(index)
+    for (start, end), group in by_window.items():
+        tokens = torch.from_numpy(alphabet.encode(sequence[start:end])).to(device)
+        rows_per_batch = max(1, max_tokens // len(tokens)) if masked else len(group)
+        for first in range(0, len(group), rows_per_batch):
+            chunk = group[first : first + rows_per_batch]
+            places = torch.tensor([i - start + 1 for i in chunk], device=device)  # after <cls>
+            rows = torch.arange(len(chunk), device=device)
+            batch = tokens.repeat(len(chunk) if masked else 1, 1)
+            if masked:
+                batch[rows, places] = alphabet.MASK
+            logits = model(batch).logits.float()
+            picked = logits[rows, places] if masked else logits[0, places]
+            for index, values in zip(chunk, torch.log_softmax(picked, -1).cpu().numpy(),
+                                     strict=True):  # fmt: skip
+                out[index] = values
+    return out
+
+
+def pseudo_log_likelihood(model, sequence: str) -> float:
+    """Σ_i log p(x_i | sequence masked at i)."""
+    logp = position_log_probs(model, sequence, list(range(len(sequence))), masked=True)
+    return float(sum(logp[i][TOKEN_ID[r]] for i, r in enumerate(sequence)))
+
+
+def score_mutants(model, sequence: str, mutants: list[list[Mutation]], scoring: str) -> np.ndarray:
+    """One score per mutant (higher: predicted fitter)."""
+    if scoring == "pseudo-likelihood":
+        wild = pseudo_log_likelihood(model, sequence)
+        scores = []
+        for mutations in mutants:
+            mutated = list(sequence)
+            for m in mutations:
+                mutated[m.index] = m.mt
+            scores.append(pseudo_log_likelihood(model, "".join(mutated)) - wild)
+        return np.array(scores)
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; one of {', '.join(SCORINGS)}")
+    indices = [m.index for mutations in mutants for m in mutations]
+    logp = position_log_probs(model, sequence, indices, masked=scoring == "masked-marginals")
+    token = TOKEN_ID
+    return np.array([sum(logp[m.index][token[m.mt]] - logp[m.index][token[m.wt]]
+                         for m in mutations) for mutations in mutants])  # fmt: skip
+
+
+def spearman(predicted: np.ndarray, measured: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(predicted, measured).statistic)
