@@ -186,19 +186,17 @@ def _cmd_eval_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval(sub) -> None:
-    evaluate = sub.add_parser("eval", help="evaluate a model")
-    eval_sub = evaluate.add_subparsers(dest="metric", required=True)
+def add_model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", required=True,
+                         help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), "
+                         "an esmdist checkpoint, a fair-esm .pt file or a Hugging Face directory")  # fmt: skip
+    command.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
+    command.add_argument("--offload", action="store_true",
+                         help="keep the parameters in host memory and run block by block "
+                         "(FSDP2 CPU offload): for models larger than the GPU, e.g. ESM-2 15B")  # fmt: skip
 
-    def add_model_arguments(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--model", required=True,
-                             help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), "
-                             "a fair-esm .pt file or a Hugging Face directory")  # fmt: skip
-        command.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
-        command.add_argument("--offload", action="store_true",
-                             help="keep the parameters in host memory and run block by block "
-                             "(FSDP2 CPU offload): for models larger than the GPU, e.g. ESM-2 15B")  # fmt: skip
 
+def _add_perplexities(eval_sub) -> None:
     perplexity = eval_sub.add_parser(
         "perplexity",
         help="masked-LM perplexity on a held-out split of a sharded dataset",
@@ -227,6 +225,8 @@ def add_eval(sub) -> None:
                       "forward pass per residue each)")  # fmt: skip
     pppl.set_defaults(func=_cmd_eval_pppl)
 
+
+def _add_contacts(eval_sub) -> None:
     contacts = eval_sub.add_parser(
         "contacts",
         help="unsupervised contact precision on structures (P@L by range, as fair-esm)",
@@ -242,6 +242,8 @@ def add_eval(sub) -> None:
     contacts.add_argument("--out", help="write contacts.json and contacts.csv here")
     contacts.set_defaults(func=_cmd_eval_contacts)
 
+
+def _add_variants(eval_sub) -> None:
     variants = eval_sub.add_parser(
         "variants",
         help="zero-shot variant effects on a DMS table (Spearman ρ, as ESM-1v)",
@@ -263,12 +265,15 @@ def add_eval(sub) -> None:
     variants.add_argument("--out", help="write variants.json and variants.csv here")
     variants.set_defaults(func=_cmd_eval_variants)
 
+
+def _add_embed(eval_sub) -> None:
     embed = eval_sub.add_parser(
         "embed",
         help="per-sequence (and per-residue) representations of a FASTA to parquet",
         description="Mean representation over each sequence's residues (specials excluded, as "
         "fair-esm's mean_representations) of the chosen layers, written to a parquet file in "
-        "packed batches: columns id, length, mean_<layer> (and residues_<layer>).",
+        "length-sorted batches by tokens: columns id, length, mean_<layer> (and "
+        "residues_<layer>), rows in the FASTA's order.",
     )
     add_model_arguments(embed)
     embed.add_argument("--fasta", required=True, help="FASTA file (.gz/.zst, local or s3://)")
@@ -278,3 +283,10 @@ def add_eval(sub) -> None:
     embed.add_argument("--per-residue", action="store_true", help="also every residue's vector")
     embed.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch")
     embed.set_defaults(func=_cmd_eval_embed)
+
+
+def add_eval(sub) -> None:
+    evaluate = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = evaluate.add_subparsers(dest="metric", required=True)
+    for add in (_add_perplexities, _add_contacts, _add_variants, _add_embed):
+        add(eval_sub)
