@@ -1,0 +1,76 @@
+"""`esmdist eval embed` against a plain Hugging Face loop over the same sequences, same weights,
+same run: tokens per second of mean representations.
+
+The baseline is what an HF user writes: `EsmModel` on batches of a fixed number of sequences
+in file order, padded to the batch's longest (the tokenizer's `padding=True`), mean over the
+residues by the attention mask. esmdist batches by tokens, sorted by length.
+
+    python bench/eval_bench.py [--size esm2_8M] [--sequences 1000] [--batch 8] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from esmdist.data.fasta import read_fasta
+from esmdist.eval.embed import embed_fasta
+from esmdist.model import build_model, model_config
+from esmdist.model.convert import save_hf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hf_loop(hf, records, batch: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf.name_or_path)
+    with torch.no_grad():
+        for start in range(0, len(records), batch):
+            chunk = [r.sequence for r in records[start : start + batch]]
+            inputs = tokenizer(chunk, return_tensors="pt", padding=True)
+            hidden = hf(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].clone()
+            mask[:, 0] = 0
+            mask[torch.arange(len(chunk)), mask.sum(1)] = 0  # <eos> after the last residue
+            (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="esm2_8M")
+    parser.add_argument("--sequences", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per HF batch")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="esmdist tokens per batch")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    from transformers import EsmModel
+
+    records = list(read_fasta(str(REPO / "data" / "demo_4k.fasta")))[: args.sequences]
+    residues = sum(len(r.sequence) for r in records)
+    torch.manual_seed(0)
+    model = build_model(model_config(args.size)).eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        save_hf(model.state_dict(), model.config, Path(scratch) / "hf")
+        hf = EsmModel.from_pretrained(Path(scratch) / "hf", add_pooling_layer=False).eval()
+        print(f"{args.size}, {len(records)} sequences ({residues:,} residues), "
+              f"{torch.get_num_threads()} threads")  # fmt: skip
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            hf_loop(hf, records, args.batch)
+            baseline = time.perf_counter() - started
+            started = time.perf_counter()
+            embed_fasta(model, records, str(Path(scratch) / "e.parquet"),
+                        [model.config.num_layers], max_tokens=args.max_tokens)  # fmt: skip
+            ours = time.perf_counter() - started
+            print(f"run {repeat + 1}: HF loop {baseline:.1f} s ({residues / baseline:,.0f} "
+                  f"residues/s), esmdist embed {ours:.1f} s ({residues / ours:,.0f} residues/s): "
+                  f"{baseline / ours:.2f}×")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
