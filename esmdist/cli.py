@@ -311,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"esmdist {about['esmdist']} (git {about['git_commit']})")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    from esmdist.cli_eval import add_eval
+    from esmdist.cli_eval import add_eval, add_plot
 
-    for add in (_add_export, _add_shard, add_eval, _add_check, _add_submit, _add_status):
+    for add in (_add_export, _add_shard, add_eval, add_plot, _add_check, _add_submit, _add_status):
         add(sub)
     return parser
 

@@ -285,6 +285,21 @@ def _add_embed(eval_sub) -> None:
     embed.set_defaults(func=_cmd_eval_embed)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from esmdist.eval.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def add_plot(sub) -> None:
+    plot = sub.add_parser("plot", help="plot a run's metrics.jsonl (loss, validation "
+                          "perplexity, tokens/s, learning rate vs step) to a PNG")  # fmt: skip
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir")
+    plot.add_argument("--out", help="the PNG to write (default RUN_DIR/metrics.png)")
+    plot.set_defaults(func=_cmd_plot)
+
+
 def add_eval(sub) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="metric", required=True)

@@ -66,3 +66,25 @@ def test_bad_requests_are_errors_and_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match="no sequences to embed"):
         embed_fasta(model, [], str(tmp_path / "none.parquet"), [2])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_runs_metrics_plot_to_a_png(tmp_path, capsys):
+    """`esmdist plot RUN_DIR` on a metrics.jsonl as the trainer writes it."""
+    import json
+
+    from esmdist.cli import main
+
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 3.5 - s / 100, "lr": 1e-3, "tokens_per_s": 5000.0} for s in
+             range(10, 110, 10)] + [{"step": 100, "valid_perplexity": 15.1}]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["plot", str(run)]) == 0
+    png = (run / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "metrics.jsonl: no such file" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("{not json\n")
+    assert main(["plot", str(run)]) == 2
+    assert "line 1 is not JSON" in capsys.readouterr().err
