@@ -86,9 +86,22 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_contacts(args: argparse.Namespace) -> int:
+def _write_results(out: str, name: str, summary: dict, rows: list[dict]) -> None:
+    """`out/{name}.json` (the summary and every row) and `out/{name}.csv` (the rows)."""
     import csv
     import json
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    with open(folder / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"results: {folder / f'{name}.json'}, {folder / f'{name}.csv'}")
+
+
+def _cmd_eval_contacts(args: argparse.Namespace) -> int:
 
     from esmdist.eval.contacts import evaluate_chains
     from esmdist.eval.structure import read_chain
@@ -101,75 +114,29 @@ def _cmd_eval_contacts(args: argparse.Namespace) -> int:
         print(f"{row['structure']:<24} {row['length']:>5} "
               + " ".join(f"{row[f'{r}_P@L']:>13.3f}" for r in RANGES_SHOWN))  # fmt: skip
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "contacts.json").write_text(
-            json.dumps({"model": args.model, "rows": rows}, indent=1)
-        )
-        with open(out / "contacts.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"results: {out / 'contacts.json'}, {out / 'contacts.csv'}")
+        _write_results(args.out, "contacts", {"model": args.model}, rows)
     return 0
 
 
-def _read_dms(path: str, mutant_column: str, score_column: str, sequence: str, offset: int):
-    """(mutant codes, their mutations, measured scores) of a DMS table; errors name the row."""
-    import csv
-
-    import numpy as np
-
-    from esmdist.eval.variants import parse_mutant
-
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        for column in (mutant_column, score_column):
-            if column not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: no column {column!r} (columns: "
-                                 f"{', '.join(reader.fieldnames or [])})")  # fmt: skip
-        codes, mutants, measured = [], [], []
-        for row_number, row in enumerate(reader, start=2):
-            where = f"{path}: row {row_number}"
-            try:
-                value = float(row[score_column])
-            except ValueError:
-                raise ValueError(
-                    f"{where}: {score_column} {row[score_column]!r} is not a number"
-                ) from None
-            codes.append(row[mutant_column])
-            mutants.append(parse_mutant(row[mutant_column], sequence, offset, where))
-            measured.append(value)
-    if not codes:
-        raise ValueError(f"{path}: no rows")
-    return codes, mutants, np.array(measured)
-
-
 def _cmd_eval_variants(args: argparse.Namespace) -> int:
-    import csv
-    import json
 
     from esmdist.data.fasta import read_fasta
-    from esmdist.eval.variants import score_mutants, spearman
+    from esmdist.eval.variants import read_dms, score_mutants, spearman
 
     source = Path(args.sequence)
     sequence = next(iter(read_fasta(args.sequence))).sequence if source.is_file() else args.sequence
-    codes, mutants, measured = _read_dms(args.dms, args.mutant_column, args.score_column,
-                                         sequence, args.offset)  # fmt: skip
+    codes, mutants, measured = read_dms(args.dms, args.mutant_column, args.score_column,
+                                        sequence, args.offset)  # fmt: skip
     model = _load_model(args.model, args.seed, args.offload)
     predicted = score_mutants(model, sequence, mutants, args.scoring)
     rho = spearman(predicted, measured)
     print(f"{args.dms}: {len(codes):,} variants, {args.scoring}: Spearman ρ = {rho:.4f}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         summary = {"model": args.model, "dms": args.dms, "scoring": args.scoring,
                    "variants": len(codes), "spearman": rho}  # fmt: skip
-        (out / "variants.json").write_text(json.dumps(summary, indent=1))
-        with open(out / "variants.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["mutant", args.score_column, "predicted"])
-            writer.writerows(zip(codes, measured.tolist(), predicted.tolist(), strict=True))
+        rows = [{"mutant": code, args.score_column: value, "predicted": score} for code, value,
+                score in zip(codes, measured.tolist(), predicted.tolist(), strict=True)]  # fmt: skip
+        _write_results(args.out, "variants", summary, rows)
     return 0
 
 

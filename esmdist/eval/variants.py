@@ -14,6 +14,7 @@ centred on each position (clamped to the sequence).
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,32 @@ def parse_mutant(code: str, sequence: str, offset: int, where: str) -> list[Muta
                              f"sequence has {sequence[index]} there (check --offset)")  # fmt: skip
         mutations.append(Mutation(wt, index, mt))
     return mutations
+
+
+def read_dms(path: str, mutant_column: str, score_column: str, sequence: str,
+             offset: int) -> tuple[list[str], list[list[Mutation]], np.ndarray]:  # fmt: skip
+    """(mutant codes, their mutations, measured scores) of a DMS table; errors name the row."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        for column in (mutant_column, score_column):
+            if column not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: no column {column!r} (columns: "
+                                 f"{', '.join(reader.fieldnames or [])})")  # fmt: skip
+        codes, mutants, measured = [], [], []
+        for row_number, row in enumerate(reader, start=2):
+            where = f"{path}: row {row_number}"
+            try:
+                value = float(row[score_column])
+            except ValueError:
+                raise ValueError(
+                    f"{where}: {score_column} {row[score_column]!r} is not a number"
+                ) from None
+            codes.append(row[mutant_column])
+            mutants.append(parse_mutant(row[mutant_column], sequence, offset, where))
+            measured.append(value)
+    if not codes:
+        raise ValueError(f"{path}: no rows")
+    return codes, mutants, np.array(measured)
 
 
 def _window(model, length: int, index: int) -> tuple[int, int]:
