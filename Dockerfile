@@ -16,7 +16,7 @@ COPY data data
 # The base image's torch is built for its CUDA and NCCL: pin it, so that no requirement
 # replaces it with a PyPI wheel.
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-torch.txt \
-    && pip install --constraint /tmp/keep-torch.txt -e ".[deepspeed,s3,wandb]" \
+    && pip install --constraint /tmp/keep-torch.txt -e ".[deepspeed,s3,wandb,eval]" \
     && python -c "import esmdist.pretrain, deepspeed, s3fs, wandb" \
     && rm /tmp/keep-torch.txt
 # Node-local JIT cache for DeepSpeed's ops (the job script keeps a TORCH_EXTENSIONS_DIR it is given).

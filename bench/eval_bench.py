@@ -6,11 +6,19 @@ in file order, padded to the batch's longest (the tokenizer's `padding=True`), m
 residues by the attention mask. esmdist batches by tokens, sorted by length.
 
     python bench/eval_bench.py [--size esm2_8M] [--sequences 1000] [--batch 8] [--repeats 2]
+
+`--contacts-memory`: peak host memory of `eval contacts` on one real sequence cropped to
+L = 1,024 and 2,048 (each in a fresh process: its peak RSS above the loaded model's), against
+the size of one float32 attention stack, layers × heads × L² × 4 bytes — the explicit path
+keeps every layer's maps for the regression, so the cost is quadratic in L by nature.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +48,32 @@ def hf_loop(hf, records, batch: int) -> None:
             (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
+def contacts_peak(size: str, length: int) -> None:
+    """In this process: print the peak RSS growth (GiB) of contacts at `length` residues."""
+    from esmdist.eval.contacts import predict_contacts
+
+    sequence = max((r.sequence for r in read_fasta(str(REPO / "data" / "demo_4k.fasta"))), key=len)
+    torch.manual_seed(0)
+    model = build_model(model_config(size)).eval()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    predict_contacts(model, sequence[:length])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 2**20)
+
+
+def contacts_memory(size: str) -> None:
+    config = model_config(size)
+    peaks = {}
+    for length in (1024, 2048):
+        done = subprocess.run([sys.executable, __file__, "--size", size, "--contacts-at",
+                               str(length)], capture_output=True, text=True, check=True)  # fmt: skip
+        peaks[length] = float(done.stdout.split()[-1])
+        stack = config.num_layers * config.attention_heads * (length + 2) ** 2 * 4 / 2**30
+        print(f"{size} contacts at L={length}: peak +{peaks[length]:.2f} GiB "
+              f"({peaks[length] / stack:.1f}× one attention stack of {stack:.2f} GiB)")  # fmt: skip
+    print(f"L 2,048 vs 1,024: {peaks[2048] / peaks[1024]:.2f}× the memory (quadratic: 4×)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="esm2_8M")
@@ -47,7 +81,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per HF batch")
     parser.add_argument("--max-tokens", type=int, default=8192, help="esmdist tokens per batch")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--contacts-memory", action="store_true")
+    parser.add_argument("--contacts-at", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.contacts_at:
+        return contacts_peak(args.size, args.contacts_at)
+    if args.contacts_memory:
+        return contacts_memory(args.size)
     from transformers import EsmModel
 
     records = list(read_fasta(str(REPO / "data" / "demo_4k.fasta")))[: args.sequences]

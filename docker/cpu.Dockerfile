@@ -8,7 +8,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/esmdist
 COPY . .
-RUN bash scripts/setup.sh s3,wandb
+RUN bash scripts/setup.sh s3,wandb,eval
 ENV PATH=/opt/esmdist/.venv/bin:$PATH
 ENTRYPOINT ["esmdist"]
 CMD ["--help"]

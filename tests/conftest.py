@@ -8,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FASTA = REPO / "data" / "demo_4k.fasta"
+EVAL_DATA = REPO / "data" / "eval"
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
 

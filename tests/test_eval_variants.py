@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from esmdist.eval.variants import parse_mutant, position_log_probs, score_mutants, spearman
-from tests.conftest import TEST_DATA
+from tests.conftest import EVAL_DATA
 from tests.reference import esmdist_from_fair, fair_esm1b, fair_esm2
 
 pytest.importorskip("scipy")
-YAP1 = TEST_DATA / "dms" / "YAP1_HUMAN_Fields2012-singles-linear"
+YAP1 = EVAL_DATA / "dms" / "YAP1_HUMAN_Fields2012-singles-linear"
 OFFSET = 170  # wt.fasta is YAP1_HUMAN/170-205
 
 

@@ -149,3 +149,40 @@ def embed_fasta(model, records: Iterable, out: str, layers: list[int], per_resid
     writer.close()
     partial.rename(out)
     return report
+
+
+def residue_features(model, sequences: list[str], layer: int, max_tokens: int = 16384,
+                     desc: str = "features") -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """(index, [L, D] float32 representations at `layer`) of every sequence, as its length-sorted
+    batch finishes (so in no fixed order), with a progress bar. ESM-1b reads a sequence longer
+    than its 1,022 residues as consecutive windows, joined."""
+    from tqdm import tqdm
+
+    config = model.config
+    window = config.max_positions - 2 if config.arch == "esm1b" else None
+    pieces = []  # (sequence index, text); a sequence's windows in order
+    for index, sequence in enumerate(sequences):
+        step = window or max(len(sequence), 1)
+        pieces += [(index, sequence[start : start + step])
+                   for start in range(0, max(len(sequence), 1), step)]  # fmt: skip
+    left = np.bincount([index for index, _ in pieces], minlength=len(sequences))
+    done: dict[int, dict[int, np.ndarray]] = {}
+    batches = list(_length_batches([("", text) for _, text in pieces], max_tokens))
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        columns = embed_batch(model, [("", pieces[i][1]) for i in batch], [layer], True)
+        for position, piece in enumerate(batch):
+            index = pieces[piece][0]
+            done.setdefault(index, {})[piece] = columns[f"residues_{layer}"][position]
+            left[index] -= 1
+            if left[index] == 0:
+                parts = done.pop(index)
+                yield index, np.concatenate([parts[k] for k in sorted(parts)])
+
+
+def mean_embeddings(model, sequences: list[str], layer: int, max_tokens: int = 16384,
+                    desc: str = "embeddings") -> np.ndarray:  # fmt: skip
+    """[N, D] mean representation over each sequence's residues at `layer`."""
+    means = np.zeros((len(sequences), model.config.embed_dim), dtype=np.float32)
+    for index, residues in residue_features(model, sequences, layer, max_tokens, desc):
+        means[index] = residues.mean(0)
+    return means

@@ -1,10 +1,14 @@
-"""`esmdist plot RUN_DIR`: a run's metrics.jsonl as one PNG — training loss and validation
-perplexity, tokens/s and learning rate against the step (matplotlib, no display needed)."""
+"""The evaluation's figures (matplotlib, no display needed): a run's metrics.jsonl (`esmdist plot
+RUN_DIR`: training loss, validation perplexity, tokens/s and learning rate against the step),
+predicted vs true contact maps, a 2-D projection of embeddings (the ESM-1b paper's Figure 2
+view) and a metric against the checkpoint step (the emergence curve)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 PANELS = (("loss", "training loss"), ("valid_perplexity", "validation perplexity"),
           ("tokens_per_s", "tokens / s"), ("lr", "learning rate"))  # fmt: skip
@@ -24,13 +28,27 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's plot (default `RUN_DIR/metrics.png`); the path written."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    _pyplot().close(figure)
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's plot (default `RUN_DIR/metrics.png`); the path written."""
+    plt = _pyplot()
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -46,8 +64,79 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for axis in axes[1]:
         axis.set_xlabel("step")
     figure.suptitle(str(run_dir))
-    figure.tight_layout()
-    out = Path(out) if out else run_dir / "metrics.png"
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return _save(figure, out or run_dir / "metrics.png")
+
+
+def plot_contacts(predicted: np.ndarray, contacts: np.ndarray, title: str,
+                  out: str | Path) -> Path:  # fmt: skip
+    """Predicted probabilities (left) beside the true map (right); the top-L long-range
+    predictions marked on both, hits and misses in two colours."""
+    plt = _pyplot()
+    length = len(predicted)
+    rows, cols = np.triu_indices(length, 24)
+    scores = np.where(contacts[rows, cols] >= 0, predicted[rows, cols], -np.inf)
+    top = np.argsort(-scores, kind="stable")[:length]
+    top = top[np.isfinite(scores[top])]
+    hit = contacts[rows[top], cols[top]] == 1
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    shown = [(predicted, "predicted contact probability"),
+             (np.where(contacts < 0, np.nan, contacts), "true contacts (Cβ–Cβ < 8 Å)")]  # fmt: skip
+    for axis, (image, name) in zip(axes, shown, strict=True):
+        axis.imshow(image, cmap="Greys", vmin=0, vmax=max(float(np.nanmax(image)), 1e-6))
+        for mark, colour, label in ((hit, "tab:blue", "top-L long range: contact"),
+                                    (~hit, "tab:red", "top-L long range: none")):  # fmt: skip
+            axis.scatter(cols[top][mark], rows[top][mark], s=6, c=colour, label=label)
+        axis.set_title(name)
+        axis.set_xlabel("residue")
+    axes[0].set_ylabel("residue")
+    axes[1].legend(loc="lower left", fontsize=8)
+    figure.suptitle(f"{title}: long-range P@L {hit.sum() / length:.3f}")
+    return _save(figure, out)
+
+
+def project(embeddings: np.ndarray) -> np.ndarray:
+    """[N, 2] principal components of the centred embeddings."""
+    centred = embeddings - embeddings.mean(0)
+    _, _, directions = np.linalg.svd(centred, full_matrices=False)
+    return centred @ directions[:2].T
+
+
+def plot_projection(embeddings: np.ndarray, labels: list[str] | None, title: str,
+                    out: str | Path, shown_labels: int = 10) -> Path:  # fmt: skip
+    """PCA of the embeddings, coloured by the `shown_labels` most common labels (the rest
+    grey)."""
+    plt = _pyplot()
+    points = project(embeddings.astype(np.float64))
+    figure, axis = plt.subplots(figsize=(7, 6))
+    if labels is None:
+        axis.scatter(points[:, 0], points[:, 1], s=6)
+    else:
+        names, counts = np.unique(labels, return_counts=True)
+        common = list(names[np.argsort(-counts, kind="stable")][:shown_labels])
+        labels = np.array(labels)
+        rest = ~np.isin(labels, common)
+        if rest.any():
+            axis.scatter(points[rest, 0], points[rest, 1], s=5, c="lightgrey", label="other")
+        for name in common:
+            chosen = labels == name
+            axis.scatter(points[chosen, 0], points[chosen, 1], s=7, label=str(name))
+        axis.legend(fontsize=8, markerscale=2)
+    axis.set_xlabel("PC 1")
+    axis.set_ylabel("PC 2")
+    axis.set_title(title)
+    return _save(figure, out)
+
+
+def plot_curve(rows: list[dict], keys: list[str], title: str, out: str | Path) -> Path:
+    """Each metric of `keys` against the checkpoint step."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=True):
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o")
+        axis.set_xlabel("step")
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, out)

@@ -62,20 +62,25 @@ def contact_map(cb: np.ndarray) -> np.ndarray:
 
 
 def _atoms(path: Path):
+    import gzip
+
     import biotite.structure.io.pdb as pdb
     import biotite.structure.io.pdbx as pdbx
 
     suffix = path.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+    readers = {"pdb": lambda f: pdb.PDBFile.read(f).get_structure(model=1),
+               "cif": lambda f: pdbx.get_structure(pdbx.CIFFile.read(f), model=1),
+               "bcif": lambda f: pdbx.get_structure(pdbx.BinaryCIFFile.read(f), model=1)}  # fmt: skip
+    readers["mmcif"] = readers["cif"]
+    if suffix not in readers:
+        raise StructureError(f"{path}: not a .pdb, .cif or .bcif file (optionally .gz)")
+    mode = "rb" if suffix == "bcif" else "rt"
     try:
-        if suffix == "pdb":
-            return pdb.PDBFile.read(str(path)).get_structure(model=1)
-        if suffix in ("cif", "mmcif"):
-            return pdbx.get_structure(pdbx.CIFFile.read(str(path)), model=1)
-        if suffix == "bcif":
-            return pdbx.get_structure(pdbx.BinaryCIFFile.read(str(path)), model=1)
-    except (OSError, ValueError, KeyError) as exc:
+        with (gzip.open(path, mode) if path.name.lower().endswith(".gz")
+              else open(path, mode)) as handle:  # fmt: skip
+            return readers[suffix](handle)
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise StructureError(f"{path}: cannot read the structure ({exc})") from None
-    raise StructureError(f"{path}: not a .pdb, .cif or .bcif file")
 
 
 def read_chain(path: str | Path, chain: str | None = None) -> Chain:

@@ -30,7 +30,9 @@ class ContactHead(nn.Module):
         super().__init__()
         self.regression = nn.Linear(in_features, 1)
 
-    def forward(self, tokens: Tensor, attentions: Tensor) -> Tensor:
+    def features(self, tokens: Tensor, attentions: Tensor) -> Tensor:
+        """The regression's inputs [B, L-2, L-2, layers × heads]: symmetrised, APC-corrected
+        attention of every head (what `esmdist eval contacts-fit` fits the regression on)."""
         # Zero attention to and from <eos> (wherever it sits in a padded row), then drop the
         # last and first positions, which are <eos>/<pad> and <cls>.
         not_eos = tokens.ne(alphabet.EOS).to(attentions)
@@ -39,4 +41,7 @@ class ContactHead(nn.Module):
         batch, layers, heads, length, _ = attentions.shape
         features = attentions.reshape(batch, layers * heads, length, length)
         features = apc(symmetrize(features.to(self.regression.weight.dtype)))
-        return torch.sigmoid(self.regression(features.permute(0, 2, 3, 1)).squeeze(-1))
+        return features.permute(0, 2, 3, 1)
+
+    def forward(self, tokens: Tensor, attentions: Tensor) -> Tensor:
+        return torch.sigmoid(self.regression(self.features(tokens, attentions)).squeeze(-1))
