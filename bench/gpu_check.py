@@ -5,7 +5,7 @@
 
 correctness — on real sequences (data/demo_4k.fasta), ESM-2 and ESM-1b with random weights:
 - fp32 on the GPU against fp32 on the CPU (padded), and the packed layout against the padded
-  one on the GPU (fp32: the masked-SDPA path);
+  one on the GPU (fp32: SDPA per sequence of the pack);
 - bf16: the packed varlen flash path and the padded SDPA path, each against the fp32 result
   (the varlen error must be of the padded path's size), and their gradients against each other;
 - that the varlen kernel really ran (calls counted).
@@ -13,7 +13,7 @@ correctness — on real sequences (data/demo_4k.fasta), ESM-2 and ESM-1b with ra
 throughput — one training step (forward, backward, AdamW through esmdist's engine, bf16
 autocast) on the same real sequences (cropped to 1,022 residues, UniRef-like lengths), as
 (a) padded [B, L_max] with a key-padding mask: what fair-esm / HF Trainer scripts do (baseline),
-(b) packed with the block-diagonal mask (the CPU path), (c) packed with varlen flash attention.
+(b) packed with SDPA per sequence (the CPU path), (c) packed with varlen flash attention.
 Tokens/s count real tokens (no padding); TFLOP/s and MFU come from esmdist.metrics.
 """
 
@@ -183,13 +183,13 @@ def throughput(sizes: list[str], tokens: int, steps: int) -> list[dict]:
         on_gpu = batch.to(cuda)
         inputs = {
             "padded (SDPA, key-padding mask)": (padded.to(cuda), None, padded_selected.to(cuda)),
-            "packed (SDPA, block-diagonal mask)": (on_gpu.tokens, on_gpu.cu_seqlens, "mask"),
+            "packed (SDPA per sequence)": (on_gpu.tokens, on_gpu.cu_seqlens, "mask"),
             "packed (varlen flash)": (on_gpu.tokens, on_gpu.cu_seqlens, on_gpu.selected),
         }
         baseline = None
         for mode, (tok, cu, selected) in inputs.items():
             usable = attention.PackedSpans.__dict__["usable"]
-            if isinstance(selected, str):  # force the masked path the CPU takes
+            if isinstance(selected, str):  # force the per-sequence path the CPU takes
                 attention.PackedSpans.usable = staticmethod(lambda device: False)
                 selected = on_gpu.selected
             try:

@@ -3,11 +3,13 @@
 # torch, triton, pyarrow but nothing from the network; webdataset/braceexpand travel as wheels
 # in .whl/, see docs/PERFORMANCE.md). Results go to $OUT (default out/gpu_check):
 #   1. correctness of the fused paths (bench/gpu_check.py correctness),
-#   2. training-step throughput: padded vs packed-mask vs packed-varlen (… throughput),
+#   2. training-step throughput: padded vs packed per-sequence SDPA vs packed-varlen
+#      (… throughput); esmdist vs Hugging Face EsmForMaskedLM for 650M, and peak memory per
+#      token at crop 1,024/2,048/4,096 (bench/train_bench.py: the "hf" section),
 #   3. the main job on one GPU: shard the bundled proteins → train esm2_35M in bf16 with
 #      checkpoints → resume from the checkpoint → evaluate held-out perplexity; then FSDP2
 #      under torchrun resuming the same run; torch.compile'd blocks on the varlen path.
-# Arguments pick sections (default: all): correctness throughput e2e
+# Arguments pick sections (default: all): correctness throughput hf e2e
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -30,13 +32,19 @@ step() {  # name, command...: run, log to $logs/name.txt and $OUT/steps.log, rem
     cat "$logs/$name.txt" >> "$OUT/steps.log"
     echo "=== $name took $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
 }
-sections=" ${*:-correctness throughput e2e} "
+sections=" ${*:-correctness throughput hf e2e} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if [[ $sections == *" correctness "* ]]; then
     step correctness python3 bench/gpu_check.py correctness
 fi
 if [[ $sections == *" throughput "* ]]; then
     step throughput python3 bench/gpu_check.py throughput --out "$OUT/throughput.json"
+fi
+if [[ $sections == *" hf "* ]]; then
+    step hf python3 bench/train_bench.py --model esm2_650M --device cuda --tokens 16384 \
+        --rounds 3 --steps 3 --json "$OUT/hf_650M.json"
+    step memory python3 bench/train_bench.py --memory --model esm2_650M --device cuda \
+        --tokens 16384 --json "$OUT/memory_650M.json"
 fi
 if [[ $sections != *" e2e "* ]]; then exit $status; fi
 

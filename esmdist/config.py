@@ -79,6 +79,12 @@ class TrainConfig:
     log_every: int = 10
     valid_every: int = 1000
     """Steps between validation perplexity evaluations (0: never)."""
+    valid_contacts: str = ""
+    """Structures (a file or a directory, e.g. data/eval/structures/test) whose long-range
+    contact precision is logged at each validation as valid_contact_p_at_l_long, with the
+    contact regression fitted afresh on `valid_contacts_fit` (eval extra; "": off)."""
+    valid_contacts_fit: str = ""
+    """Structures to fit that regression on (e.g. data/eval/structures/fit)."""
     max_bad_steps: int = 5
     """NaN/Inf loss or gradient: the step is skipped and counted; this many in a row abort."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -93,6 +99,9 @@ class TrainConfig:
             check_range("train", key, getattr(self, key), low)
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
+        if bool(self.valid_contacts) != bool(self.valid_contacts_fit):
+            raise ValueError("valid_contacts and valid_contacts_fit go together: the structures "
+                             "to score and those to fit the contact regression on")  # fmt: skip
 
 
 @dataclass(frozen=True)

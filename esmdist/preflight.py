@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from esmdist.config import JobConfig
 
@@ -34,6 +35,8 @@ def _missing_packages(config: JobConfig) -> list[str]:
         wanted.append(("wandb", "log.wandb = true", "wandb"))
     if _s3_paths(config):
         wanted.append(("s3fs", f"{', '.join(_s3_paths(config))} on s3://", "s3"))
+    if config.train.valid_contacts:
+        wanted += [(module, "train.valid_contacts", "eval") for module in ("biotite", "sklearn")]
     return [f"{why} needs the {module} package: pip install -e '.[{extra}]' (or change it)"
             for module, why, extra in wanted if importlib.util.find_spec(module) is None]  # fmt: skip
 
@@ -57,6 +60,10 @@ def quick_problems(config: JobConfig, world_size: int) -> list[str]:
         config.check(world_size)
     except ValueError as exc:
         problems.append(str(exc))
+    for key in ("valid_contacts", "valid_contacts_fit"):
+        path = getattr(config.train, key)
+        if path and not Path(path).exists():
+            problems.append(f"train.{key} ({path}): no such structure file or directory")
     return problems + _missing_packages(config) + _missing_credentials(config)
 
 

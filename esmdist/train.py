@@ -36,6 +36,7 @@ from esmdist.data.stream import (
     merge_rank_states,
     validation_batches,
 )
+from esmdist.eval.contact_fit import ContactValidation
 from esmdist.eval.perplexity import masked_perplexity
 from esmdist.export import model_weights
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
@@ -144,6 +145,8 @@ class Run:
     loader: TrainLoader
     logger: MetricsLogger
     valid_shards: ShardSet | None
+    contacts: ContactValidation | None
+    """`train.valid_contacts`: the long-range contact precision logged at each validation."""
     dataset: str
     """The train split's fingerprint, saved with every checkpoint."""
     progress: Progress
@@ -227,6 +230,8 @@ def setup(config: JobConfig) -> Run:
     model_config = config.model.build()
     _announce(config, info, model_config)
     train_shards, valid_shards = _open_data(config, info)
+    contacts = (ContactValidation(config.train.valid_contacts, config.train.valid_contacts_fit)
+                if config.train.valid_contacts else None)  # fmt: skip
     checkpointer = Checkpointer(config.checkpoint, config.checkpoint_root)
     try:
         where = checkpointer.find()
@@ -253,7 +258,7 @@ def setup(config: JobConfig) -> Run:
         checkpointer.close()
         raise
     return Run(config, info, model_config, engine, checkpointer, loader, logger, valid_shards,
-               train_shards.fingerprint, progress)  # fmt: skip
+               contacts, train_shards.fingerprint, progress)  # fmt: skip
 
 
 def loop(run: Run, stop: StopRequest) -> dict:
@@ -269,9 +274,10 @@ def loop(run: Run, stop: StopRequest) -> dict:
         if result.applied and (step % train.log_every == 0 or final_step):
             last = _metrics(run, step, result)
             run.logger.log(step, last)
-        if run.valid_shards and train.valid_every and (step % train.valid_every == 0 or final_step):
-            last["valid_perplexity"] = validate(run.engine, run.valid_shards, run.config, run.info)
-            run.logger.log(step, {"valid_perplexity": last["valid_perplexity"]})
+        if train.valid_every and (step % train.valid_every == 0 or final_step):
+            found = validate(run)
+            last.update(found)
+            run.logger.log(step, found)
         stopping = stop_agreed(stop)
         if stopping or final_step or (every and step % every == 0):
             # Periodic saves upload in the background; the last one must be committed now.
@@ -388,8 +394,24 @@ def _metrics(run: Run, step: int, result: StepResult) -> dict:
     return record
 
 
+def validate(run: Run) -> dict[str, float]:
+    """`valid_perplexity` (with a validation split) and `valid_contact_p_at_l_long` (with
+    `train.valid_contacts`), computed on every rank."""
+    found = {}
+    if run.valid_shards:
+        found["valid_perplexity"] = valid_perplexity(run.engine, run.valid_shards, run.config,
+                                                     run.info)  # fmt: skip
+    if run.contacts:
+        run.engine.model.eval()
+        with run.engine.autocast():
+            found["valid_contact_p_at_l_long"] = run.contacts(run.engine.model,
+                                                              run.engine.module.contact_head)  # fmt: skip
+        run.engine.model.train()
+    return found
+
+
 @torch.no_grad()
-def validate(engine: Engine, shards: ShardSet, config: JobConfig, info: DistInfo) -> float:
+def valid_perplexity(engine: Engine, shards: ShardSet, config: JobConfig, info: DistInfo) -> float:
     """Masked-LM perplexity on the validation split (fixed masks), over all ranks.
 
     Sharded engines need every rank in every forward, so ranks with fewer batches repeat their

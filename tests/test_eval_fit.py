@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from esmdist.cli import main
-from esmdist.cli_eval.structure import read_chains
 from esmdist.eval.contact_fit import (
     ContactRegression,
     apply_regression,
@@ -22,6 +21,7 @@ from esmdist.eval.contact_fit import (
     pair_features,
     save_regression,
 )
+from esmdist.eval.structure import read_structures
 from esmdist.model import build_model, model_config
 from tests.conftest import EVAL_DATA
 
@@ -38,7 +38,7 @@ def model():
 
 def test_pair_features_are_the_heads_inputs(model):
     """The regression applied to the fitting features is the head's own output on those pairs."""
-    chain = read_chains([str(FIT / "PF00013_1WVN_A.pdb.gz")])[0]
+    chain = read_structures([str(FIT / "PF00013_1WVN_A.pdb.gz")])[0]
     with torch.no_grad():
         model.contact_head.regression.weight.normal_()
     features, labels = pair_features(model, chain)
@@ -57,7 +57,7 @@ def test_pair_features_are_the_heads_inputs(model):
 def test_the_fit_is_fair_esms_and_refuses_its_own_training_chains(model):
     from sklearn.linear_model import LogisticRegression
 
-    chains = read_chains([str(FIT)])[:4]
+    chains = read_structures([str(FIT)])[:4]
     fitted = fit_regression(model, chains)
     parts = [pair_features(model, c) for c in chains]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -115,7 +115,7 @@ def test_contacts_fit_writes_a_model_that_carries_its_head(model, tmp_path, caps
         results[name] = json.loads((out / "contacts.json").read_text())["rows"]
     assert results["json"] == results["pt"] == results["hf"] == results["fair-esm"]
 
-    chain = read_chains(test_files[:1])[0]
+    chain = read_structures(test_files[:1])[0]
     hf = transformers.EsmForMaskedLM.from_pretrained(
         tmp_path / "fitted" / "hf", attn_implementation="eager"
     ).eval()
@@ -144,3 +144,52 @@ def test_contacts_with_fit_and_plot_on_the_bundled_sets(tmp_path, capsys):
     assert main(["eval", "contacts", "--model", "debug", str(FIT / "PF00013_1WVN_A.pdb.gz"),
                  "--fit", str(FIT)]) == 2  # fmt: skip
     assert "evaluated and also fitted on" in capsys.readouterr().err
+
+
+def test_the_in_training_contact_metric(tmp_path, demo_records):
+    """`train.valid_contacts`: logged at each validation, equal to the same measurement on the
+    checkpoint afterwards, and the model's own contact head untouched."""
+    import shutil
+
+    from esmdist.eval.contact_fit import ContactValidation
+    from esmdist.export import model_weights
+    from esmdist.model import ESM
+    from esmdist.train import train
+    from tests.adversarial.helpers import job
+    from tests.conftest import make_shards
+
+    fit, test = tmp_path / "fit", tmp_path / "test"
+    for folder, files in ((fit, sorted(FIT.iterdir())[:3]), (test, sorted(TEST.iterdir())[:2])):
+        folder.mkdir()
+        for file in files:
+            shutil.copy(file, folder)
+    shards = make_shards(tmp_path, demo_records[:300], 100)
+    out = tmp_path / "run"
+    config = job(shards, out, str(out / "checkpoints"), "--train.valid_every=2",
+                 f"--train.valid_contacts={test}", f"--train.valid_contacts_fit={fit}")  # fmt: skip
+    train(config)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    found = {r["step"]: r["valid_contact_p_at_l_long"] for r in logged
+             if "valid_contact_p_at_l_long" in r}  # fmt: skip
+    assert sorted(found) == [2, 4] and all(0 <= v <= 1 for v in found.values())
+    model_config, state = model_weights(str(out / "checkpoints" / "step_000000004"))
+    model = ESM(model_config)
+    model.load_state_dict(state)
+    model.eval()
+    again = ContactValidation(str(test), str(fit))(model, model.contact_head)
+    assert again == pytest.approx(found[4], abs=1e-9)
+    _, earlier = model_weights(str(out / "checkpoints" / "step_000000002"))
+    for key in ("contact_head.regression.weight", "contact_head.regression.bias"):
+        assert torch.equal(state[key], earlier[key])  # frozen, and no validation wrote to it
+
+
+def test_in_training_contact_settings_are_checked(tmp_path):
+    from esmdist.config import load_config
+    from esmdist.preflight import quick_problems
+
+    with pytest.raises(ValueError, match="valid_contacts and valid_contacts_fit go together"):
+        load_config(None, [f"--train.valid_contacts={TEST}"])
+    config = load_config(None, [f"--train.valid_contacts={tmp_path / 'none'}",
+                                f"--train.valid_contacts_fit={FIT}"])  # fmt: skip
+    assert any("train.valid_contacts" in p and "no such structure" in p
+               for p in quick_problems(config, 1))  # fmt: skip

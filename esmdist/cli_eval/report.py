@@ -15,8 +15,8 @@ from esmdist.cli_eval.structure import (
     homology_results,
     mean_metrics,
     plot_chain_contacts,
-    read_chains,
 )
+from esmdist.eval.structure import read_structures
 
 YAP1 = "dms/YAP1_HUMAN_Fields2012-singles-linear"
 PUBLISHED = {
@@ -32,8 +32,8 @@ PUBLISHED = {
 def _contacts(model, args, data: Path, out: Path) -> dict:
     from esmdist.model import build_model
 
-    fit_on = read_chains([str(data / "structures" / "fit")])
-    test = read_chains([str(data / "structures" / "test")])
+    fit_on = read_structures([str(data / "structures" / "fit")])
+    test = read_structures([str(data / "structures" / "test")])
     rows = contact_rows(model, test, fit_on)
     write_results(str(out), "contacts", {"model": args.model}, rows)
     plot_chain_contacts(model, test[:1], str(out / "contact_map.png"))

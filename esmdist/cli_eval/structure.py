@@ -7,25 +7,9 @@ import argparse
 from pathlib import Path
 
 from esmdist.cli_eval.common import add_model_arguments, model_from_args, run_curve, write_results
+from esmdist.eval.structure import read_structures
 
 RANGES_SHOWN = ("short", "medium", "long")
-
-
-def read_chains(specs: list[str]):
-    """FILE[:CHAIN] arguments (a directory: every structure file in it, sorted)."""
-    from esmdist.eval.structure import read_chain
-
-    chains = []
-    for spec in specs:
-        path, _, chain = spec.rpartition(":") if ":" in spec else (spec, "", "")
-        if Path(path).is_dir():
-            files = sorted(p for p in Path(path).iterdir() if ".pdb" in p.name or "cif" in p.name)
-            if not files:
-                raise ValueError(f"{path}: no .pdb/.cif/.bcif files in the directory")
-            chains += [read_chain(f) for f in files]
-        else:
-            chains.append(read_chain(path, chain or None))
-    return chains
 
 
 def fitted_contacts(model, fit_on: list | None, chains: list) -> None:
@@ -77,8 +61,8 @@ def plot_chain_contacts(model, chains: list, out: str) -> list[Path]:
 
 
 def _cmd_contacts(args: argparse.Namespace) -> int:
-    chains = read_chains(args.structures)
-    fit_on = read_chains(args.fit) if args.fit else None
+    chains = read_structures(args.structures)
+    fit_on = read_structures(args.fit) if args.fit else None
     if args.checkpoints:
         if not (fit_on or args.contact_regression):
             print("note: no --fit: each checkpoint's contact regression is used as stored "
@@ -103,7 +87,7 @@ def _cmd_contacts_fit(args: argparse.Namespace) -> int:
         save_regression,
     )
 
-    chains = read_chains(args.structures)
+    chains = read_structures(args.structures)
     model = model_from_args(args)
     fitted = fit_regression(model, chains, args.C)
     apply_regression(model, fitted)

@@ -47,11 +47,15 @@ def pair_features(model, chain: Chain) -> tuple[np.ndarray, np.ndarray]:
     """(features [P, layers × heads], labels [P]) of the chain's scored pairs."""
     tokens = torch.from_numpy(alphabet.encode(chain.sequence))[None].to(compute_device(model))
     out = model(tokens, need_weights=True)
-    features = model.contact_head.features(tokens, out.attentions)[0].float().cpu().numpy()
+    return scored_pairs(model.contact_head.features(tokens, out.attentions)[0], chain)
+
+
+def scored_pairs(features: torch.Tensor, chain: Chain) -> tuple[np.ndarray, np.ndarray]:
+    """The [L, L, F] features and the labels at the pairs that are fitted and scored."""
     rows, cols = np.triu_indices(len(chain.sequence), MIN_SEPARATION)
     keep = chain.contacts[rows, cols] >= 0
     rows, cols = rows[keep], cols[keep]
-    return features[rows, cols], chain.contacts[rows, cols].astype(np.int64)
+    return features.float().cpu().numpy()[rows, cols], chain.contacts[rows, cols].astype(np.int64)
 
 
 def _l1() -> dict:
@@ -143,3 +147,41 @@ def save_fitted_model(model, out: Path) -> list[Path]:
     fair_esm = out / f"{model.config.arch}_fitted.pt"
     convert.save_fair_esm_checkpoint(state, model.config, fair_esm)
     return [hf, fair_esm, fair_esm.with_name(fair_esm.stem + "-contact-regression.pt")]
+
+
+class ContactValidation:
+    """The in-training contact metric (`train.valid_contacts`): at each validation, the
+    regression fitted afresh on the fit structures and the mean long-range P@L on the others.
+    Every rank runs the same forwards (a sharded model needs them all); the model's own frozen
+    contact head is left untouched, so checkpoints and exact resume do not see it."""
+
+    def __init__(self, test: str, fit: str):
+        from esmdist.eval.structure import read_structures
+
+        self.test, self.fit = read_structures([test]), read_structures([fit])
+        check_disjoint(ContactRegression([], 0.0, [c.name for c in self.fit]), self.test)
+
+    @torch.no_grad()
+    def _features(self, model, head, chain: Chain) -> torch.Tensor:
+        tokens = torch.from_numpy(alphabet.encode(chain.sequence))[None]
+        tokens = tokens.to(next(head.parameters()).device)
+        out = model(tokens, need_weights=True)
+        return head.features(tokens, out.attentions)[0]
+
+    def __call__(self, model, head) -> float:
+        """Mean long-range P@L; `model` runs the forwards, `head` (its `contact_head`) makes the
+        features."""
+        from sklearn.linear_model import LogisticRegression
+
+        from esmdist.eval.contacts import contact_metrics
+
+        parts = [scored_pairs(self._features(model, head, chain), chain) for chain in self.fit]
+        fitted = LogisticRegression(C=L1_C, solver="liblinear", max_iter=1000, **_l1())
+        fitted.fit(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+        precisions = []
+        for chain in self.test:
+            features = self._features(model, head, chain).float().cpu().numpy()
+            logits = features @ fitted.coef_[0] + fitted.intercept_[0]
+            predicted = 1 / (1 + np.exp(-logits))
+            precisions.append(contact_metrics(predicted, chain.contacts)["long_P@L"])
+        return float(np.mean(precisions))

@@ -58,7 +58,9 @@ def predict_contacts(model, sequence: str) -> np.ndarray:
 
 
 def evaluate_chains(model, chains: list[Chain]) -> list[dict]:
-    """One row per chain: its name, length and every range's metrics."""
+    """One row per chain: its name, length and every range's metrics (progress on stderr)."""
+    from tqdm import tqdm
+
     return [{"structure": chain.name, "length": len(chain.sequence),
              **contact_metrics(predict_contacts(model, chain.sequence), chain.contacts)}
-            for chain in chains]  # fmt: skip
+            for chain in tqdm(chains, desc="contacts", unit="structure")]  # fmt: skip

@@ -110,3 +110,18 @@ def read_chain(path: str | Path, chain: str | None = None) -> Chain:
                 coordinates[index, slot] = found[0]
     cb = virtual_cb(coordinates[:, 0], coordinates[:, 1], coordinates[:, 2])
     return Chain(f"{path.name}:{chain}", "".join(letters), contact_map(cb))
+
+
+def read_structures(specs: list[str]) -> list[Chain]:
+    """`FILE[:CHAIN]` arguments; a directory stands for every structure file in it, sorted."""
+    chains = []
+    for spec in specs:
+        path, _, chain = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        if Path(path).is_dir():
+            files = sorted(p for p in Path(path).iterdir() if ".pdb" in p.name or "cif" in p.name)
+            if not files:
+                raise StructureError(f"{path}: no .pdb/.cif/.bcif files in the directory")
+            chains += [read_chain(f) for f in files]
+        else:
+            chains.append(read_chain(path, chain or None))
+    return chains

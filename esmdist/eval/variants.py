@@ -129,9 +129,11 @@ def pseudo_log_likelihood(model, sequence: str) -> float:
 def score_mutants(model, sequence: str, mutants: list[list[Mutation]], scoring: str) -> np.ndarray:
     """One score per mutant (higher: predicted fitter)."""
     if scoring == "pseudo-likelihood":
+        from tqdm import tqdm
+
         wild = pseudo_log_likelihood(model, sequence)
         scores = []
-        for mutations in mutants:
+        for mutations in tqdm(mutants, desc="pseudo-likelihood", unit="mutant"):
             mutated = list(sequence)
             for m in mutations:
                 mutated[m.index] = m.mt

@@ -6,8 +6,10 @@ The training path never materialises the L×L probabilities:
   (flash / cuDNN / memory-efficient kernels on GPU, the flash kernel on CPU);
 - packed batches on GPU in bf16/fp16: `torch.nn.attention.varlen.varlen_attn` (flash attention
   over variable-length sequences given by `cu_seqlens`: no mask, no padding, no T×T work);
-- packed batches elsewhere (CPU, fp32, torch < 2.9): SDPA with a block-diagonal "same sequence"
-  boolean mask — correct everywhere, but quadratic in the packed length T.
+- packed batches elsewhere (CPU, fp32, torch < 2.9): SDPA on each sequence of the pack in turn
+  (its slice of q/k/v, no mask): work Σ Lᵢ², as a padded batch without the padding. A
+  block-diagonal mask over the whole pack would cost T² — on CPU that made a 4,096-token
+  micro-batch slower than Hugging Face's padded one (issue 16).
 Only `need_weights=True` — the contact and attention-map path — computes softmax(QKᵀ)
 explicitly so it can return it.
 """
@@ -35,19 +37,23 @@ class PackedSpans:
     cu_seqlens: Tensor
     """int32 [N+1], cumulative sequence lengths."""
     max_seqlen: int
+    lengths: list[int]
+    """The N sequence lengths on the host (read once per batch), to slice the pack by."""
 
     @staticmethod
     def usable(device: torch.device) -> bool:
         """Whether the variable-length flash kernel exists for tensors on `device`."""
         return varlen_attn is not None and device.type == "cuda"
 
-    def same_sequence(self, total: int) -> Tensor:
-        """The equivalent boolean mask [1, 1, T, T], for the paths without the varlen kernel."""
-        lengths = self.cu_seqlens.diff()
-        index = torch.repeat_interleave(
-            torch.arange(len(lengths), device=lengths.device), lengths, output_size=total
-        )
-        return (index[:, None] == index[None, :])[None, None]
+
+@torch.compiler.disable
+def attend_per_sequence(q: Tensor, k: Tensor, v: Tensor, packed: PackedSpans) -> Tensor:
+    """SDPA of each sequence of a packed [1, H, T, D] batch on its own; [1, H, T, D]. Left out
+    of torch.compile, and handed the spans whole: traced, every batch's number of sequences
+    would be a new graph."""
+    lengths = packed.lengths
+    pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
+    return torch.cat([F.scaled_dot_product_attention(*piece) for piece in pieces], dim=2)
 
 
 def rotary_cos_sin(
@@ -111,15 +117,16 @@ class SelfAttention(nn.Module):
             q = apply_rotary(q, *rotary)
             k = apply_rotary(k, *rotary)
 
-        if isinstance(attend, PackedSpans):
-            if not need_weights and q.dtype in VARLEN_DTYPES and PackedSpans.usable(q.device):
-                spans = (attend.cu_seqlens, attend.cu_seqlens, attend.max_seqlen, attend.max_seqlen)
-                out = varlen_attn(q[0], k[0], v[0], *spans)
-                return self.out_proj(out.reshape(batch, length, embed)), None
-            attend = attend.same_sequence(length)
+        packed = attend if isinstance(attend, PackedSpans) else None
+        if packed is not None and q.dtype in VARLEN_DTYPES and PackedSpans.usable(q.device):
+            spans = (packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen)
+            out = varlen_attn(q[0], k[0], v[0], *spans)
+            return self.out_proj(out.reshape(batch, length, embed)), None
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         weights = None
-        if need_weights:
+        if packed is not None:
+            out = attend_per_sequence(q, k, v, packed)
+        elif need_weights:
             scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)
             if attend is not None:
                 scores = scores.masked_fill(~attend, float("-inf"))

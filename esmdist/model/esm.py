@@ -157,9 +157,8 @@ class ESM(nn.Module):
         positions = torch.arange(len(tokens), device=tokens.device) - cu_seqlens[seq_index]
         if self.config.arch == "esm1b":
             positions = positions + alphabet.PAD + 1
-        spans = PackedSpans(cu_seqlens.to(torch.int32), int(lengths.max()))
-        # The flash varlen kernel needs no mask; elsewhere build the T×T mask once per batch.
-        attend = spans if PackedSpans.usable(tokens.device) else spans.same_sequence(len(tokens))
+        host_lengths = lengths.tolist()  # one read per batch; slicing the pack needs them
+        attend = PackedSpans(cu_seqlens.to(torch.int32), max(host_lengths), host_lengths)
         mask_ratio = None
         if is_mask is not None:
             masked = torch.zeros(len(lengths), device=tokens.device).index_add_(
