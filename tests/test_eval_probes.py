@@ -153,3 +153,22 @@ def test_report_on_a_trained_checkpoint(run_dir, tmp_path):
     for figure in ("contact_map.png", "embedding_projection.png"):
         assert (report / figure).read_bytes()[:4] == b"\x89PNG"
     assert torch.isfinite(torch.tensor(metrics["perplexity"]["perplexity"]))
+
+
+def test_report_on_a_random_8m_model_through_its_hf_directory(tmp_path):
+    """Every command of the report on the bundled sets with ESM-2 8M's shape (random weights),
+    read as a Hugging Face directory."""
+    from esmdist.model import build_model, model_config
+    from esmdist.model.convert import save_hf
+
+    torch.manual_seed(5)
+    model = build_model(model_config("esm2_8M"))
+    save_hf(model.state_dict(), model.config, tmp_path / "hf")
+    report = tmp_path / "report"
+    assert main(["eval", "report", "--model", str(tmp_path / "hf"), "--out", str(report),
+                 "--ss-train-chains", "30", "--ss-test-chains", "10"]) == 0  # fmt: skip
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["parameters"] == model.config.num_params() and metrics["arch"] == "esm2"
+    assert metrics["homology"]["domains"] == 893 and metrics["ss"]["test_chains"] == 10
+    assert -1 <= metrics["variants"]["spearman"] <= 1
+    assert (report / "contacts.csv").read_text().count("\n") == 13  # header + 12 structures
