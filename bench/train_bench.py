@@ -178,24 +178,19 @@ def peak_memory_at(size: str, device: torch.device, dtype: str, length: int, tok
 
 
 def saved_bytes(ours: Esmdist, batch: PackedBatch) -> int:
-    """Bytes autograd keeps for the backward of one micro-batch (each storage counted once):
-    the activation memory, free of allocator slack."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    """Bytes autograd keeps for the backward of one micro-batch (esmdist.testing.memory)."""
+    from esmdist.testing.memory import saved_bytes as measured
 
     engine = ours.engine
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+
+    def forward() -> torch.Tensor:
         with engine.autocast():
             logits = engine.model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
-        loss = F.cross_entropy(logits.float(), batch.targets)
-    params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
-    loss.backward()
+        return F.cross_entropy(logits.float(), batch.targets)
+
+    found = measured(forward, engine.module.parameters())
     engine.skip()
-    return sum(size for pointer, size in storages.items() if pointer not in params)
+    return found
 
 
 def memory_table(size: str, device: torch.device, dtype: str, tokens: int,

@@ -1,4 +1,4 @@
-"""`esmdist` command line: shard, export, eval, check, submit (Slurm), status.
+"""`esmdist` command line: shard, export, eval, check, submit (Slurm), status, plan.
 
 Each subcommand is a thin layer over a library function so that everything it does can also be
 called (and tested) from Python.
@@ -300,6 +300,59 @@ def _add_submit(sub) -> None:
         job.set_defaults(func=_cmd_submit)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from esmdist.model import model_config
+    from esmdist.plan import Setup, describe, parse_bytes, plan
+
+    def setup(gpus: int) -> Setup:
+        return Setup(model_config(args.model), gpus, parse_bytes(args.gpu_memory), args.backend,
+                     args.zero, args.activation_checkpointing, args.tokens_per_gpu,
+                     args.tokens_per_step, args.dtype, args.mfu, args.peak_tflops)  # fmt: skip
+
+    print(describe(plan(setup(args.gpus)), args.budget_tokens))
+    if args.scaling:
+        print(f"\nscaling on paper ({args.backend}, {args.tokens_per_step:,} tokens per step):")
+        print(f"{'GPUs':>6} {'tokens/s':>14} {'per GPU':>10} {'efficiency':>11} {'memory':>10}")
+        for gpus in (1, 8, 64, 256):
+            if args.backend == "single" and gpus > 1:
+                break
+            found = plan(setup(gpus))
+            print(f"{gpus:>6} {found.tokens_per_s:>14,.0f} {found.tokens_per_s / gpus:>10,.0f} "
+                  f"{found.scaling_efficiency:>11.1%} {found.total_bytes / 1e9:>7.1f} GB")  # fmt: skip
+    return 0
+
+
+def _add_plan(sub) -> None:
+    from esmdist.model.config import MODEL_SIZES
+    from esmdist.plan import BACKENDS, MEASURED_MFU
+
+    plan = sub.add_parser(
+        "plan", help="memory per GPU, throughput and wall time of a run, on paper",
+        description="Memory per GPU (parameters, gradients, optimizer state, activations, "
+        "buffers), expected tokens/s and the wall time of a token budget for a model size on N "
+        "GPUs; formulas and their check against measured peaks: docs/PERFORMANCE.md.",
+    )  # fmt: skip
+    plan.add_argument("--model", required=True, choices=list(MODEL_SIZES))
+    plan.add_argument("--gpus", type=int, default=1)
+    plan.add_argument("--gpu-memory", default="80GB", help="per GPU (default: %(default)s)")
+    plan.add_argument("--backend", default="fsdp", choices=BACKENDS)
+    plan.add_argument("--zero", type=int, default=3, choices=[1, 2, 3], help="DeepSpeed stage")
+    plan.add_argument("--activation-checkpointing", action="store_true")
+    plan.add_argument("--tokens-per-gpu", type=int, default=16384, help="micro-batch tokens")
+    plan.add_argument("--tokens-per-step", type=int, default=2_097_152,
+                      help="global tokens per optimizer step (default: ESM-2's 2M)")  # fmt: skip
+    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    plan.add_argument("--mfu", type=float, default=MEASURED_MFU,
+                      help="model FLOPs utilisation to assume (default: %(default)s, measured "
+                      "step-level for 650M on an H200)")  # fmt: skip
+    plan.add_argument("--peak-tflops", type=float, default=989.0,
+                      help="dense peak per GPU in --dtype (default: H100/H200 bf16)")  # fmt: skip
+    plan.add_argument("--budget-tokens", type=float, default=500_000 * 2_097_152,
+                      help="tokens to train on (default: ESM-2's 500k steps × 2M)")  # fmt: skip
+    plan.add_argument("--scaling", action="store_true", help="also 1, 8, 64 and 256 GPUs")
+    plan.set_defaults(func=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esmdist",
@@ -313,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from esmdist.cli_eval import add_eval, add_plot
 
-    for add in (_add_export, _add_shard, add_eval, add_plot, _add_check, _add_submit, _add_status):
+    for add in (_add_export, _add_shard, add_eval, add_plot, _add_check, _add_submit, _add_status,
+                _add_plan):  # fmt: skip
         add(sub)
     return parser
 

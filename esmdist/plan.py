@@ -1,0 +1,260 @@
+"""`esmdist plan`: memory per GPU, throughput and wall time of a training run on paper, before
+a GPU hour is spent — "does 15B fit on 64 × 80 GB with ZeRO-3, and how long will it take".
+
+Memory per GPU (bytes; P parameters, N GPUs, T tokens per micro-batch, L layers, E width):
+
+- states — DDP / single: fp32 parameters 4P, fp32 gradients 4P, AdamW's two moments 8P, and
+  DDP's gradient buckets 4P (N > 1); FSDP2 (bf16 compute): 16P / N, plus the all-gathered bf16
+  parameters of two blocks (the current one and the prefetched next) and one block's fp32
+  gradients before its reduce-scatter; with gradient accumulation FSDP2 keeps the unsharded
+  fp32 gradients of every block between micro-batches (+4P). DeepSpeed (ZeRO's paper: bf16
+  parameters 2P, bf16 gradients 2P, fp32 master + moments 12P): stage 1 shards the 12P, stage 2
+  also the gradients, stage 3 everything; plus its communication buckets at their defaults
+  (stage 1/2: reduce + all-gather buckets of 5e8 elements; stage 3: up to 1e9 live parameters).
+- activations — what autograd saves for backward, measured (bench/train_bench.py --memory,
+  exact storage sizes): `ACTIVATION_VALUES` = 17 values per layer per token per unit of width
+  plus 1.5 outside the blocks (embeddings, final LayerNorm), at 4 bytes in fp32 (within 1% on
+  debug, 8M and 35M; within 4% with activation checkpointing); in bf16 the matmul outputs are bf16 and LayerNorm / rotary stay fp32:
+  52 of those 68 bytes (estimated; not yet measured on a GPU). Activation checkpointing keeps
+  each block's input only (1 value instead of 17) and recomputes one block at a time, so that
+  block's 17 values come back during its backward (the `transient` term, in both modes).
+  Fused attention saves O(L) per token, so none of this depends on sequence length.
+
+Throughput: FLOPs per token from esmdist.metrics' formula at the bundled length distribution
+cropped at 1,024 (`EFFECTIVE_LENGTH`: Σs²/Σs of the sequences), times the MFU (default: the
+step-level MFU esmdist has measured for 650M on one H200, docs/PERFORMANCE.md); the step's
+communication per GPU (below) at the link's bandwidth, overlapped with compute (FSDP2 prefetch,
+ZeRO overlap, DDP buckets) except for one block's worth that cannot be (the first all-gather,
+the last reduction). Assumptions are printed with every plan.
+
+Communication per optimizer step per GPU, ring collectives ((N-1)/N of the volume each way):
+DDP all-reduce of fp32 gradients 2·4P; ZeRO-1/2 reduce-scatter of bf16 gradients 2P (stage 2:
+every micro-batch) + all-gather of bf16 parameters 2P; ZeRO-3 / FSDP2 all-gather of bf16
+parameters in forward and in backward (2P + 2P every micro-batch) + reduce-scatter of gradients
+(FSDP2 in fp32: 4P; ZeRO-3 bf16: 2P).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from esmdist.metrics import block_params
+from esmdist.model import ModelConfig
+
+ACTIVATION_VALUES = 17
+"""Values saved per layer, per token, per unit of width (measured, see the module text)."""
+OUTSIDE_VALUES = 1.5
+"""The same outside the blocks (embedding output, final LayerNorm), fitted on the same runs."""
+BF16_BYTES_PER_VALUE = 52 / 68 * 4
+"""Average bytes per saved value under bf16 autocast (estimated: 12 of 17 values bf16)."""
+EFFECTIVE_LENGTH = 385.0
+"""Σs²/Σs over data/demo_4k.fasta cropped at 1,024 tokens: the attention term's length."""
+MEAN_LENGTH = 270.5
+"""Mean tokens per sequence of the same set."""
+MEASURED_MFU = 0.25
+"""esmdist's step-level MFU for ESM-2 650M, bf16, packed varlen, one H200 (PERFORMANCE.md)."""
+GPUS_PER_NODE = 8
+NVLINK_GBPS = 360.0
+"""Achievable bus bandwidth inside an H100/H200 node (NVLink 4, NCCL ring), GB/s."""
+INTERNODE_GBPS = 40.0
+"""Per GPU across nodes: one 400 Gb/s InfiniBand NIC per GPU at ~80% efficiency, GB/s."""
+BACKENDS = ("single", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: ModelConfig
+    gpus: int
+    gpu_memory: float
+    """Bytes per GPU."""
+    backend: str = "fsdp"
+    zero_stage: int = 3
+    activation_checkpointing: bool = False
+    tokens_per_gpu: int = 16384
+    """Tokens per micro-batch on one GPU."""
+    tokens_per_step: int = 2_097_152
+    dtype: str = "bf16"
+    mfu: float = MEASURED_MFU
+    peak_tflops: float = 989.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}")
+        if self.backend == "single" and self.gpus != 1:
+            raise ValueError("--backend single runs on one GPU: --gpus 1")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError("--zero must be 1, 2 or 3")
+        for name in ("gpus", "tokens_per_gpu", "tokens_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < self.mfu <= 1:
+            raise ValueError("--mfu is a fraction in (0, 1]")
+
+    @property
+    def accumulation(self) -> int:
+        return max(1, math.ceil(self.tokens_per_step / (self.gpus * self.tokens_per_gpu)))
+
+    @property
+    def sharding(self) -> str:
+        """ "none", "zero1", "zero2" or "zero3" (FSDP2 shards as ZeRO-3)."""
+        if self.backend in ("single", "ddp"):
+            return "none"
+        return "zero3" if self.backend == "fsdp" else f"zero{self.zero_stage}"
+
+
+def parse_bytes(text: str) -> float:
+    """`80GB`, `80GiB`, `141G`, `512MB` → bytes (GB = 10⁹, GiB = 2³⁰)."""
+    found = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not found:
+        raise ValueError(f"{text!r}: give a size such as 80GB or 141GiB")
+    number, prefix, binary = float(found.group(1)), found.group(2).upper(), found.group(3)
+    power = " KMGT".index(prefix or " ")
+    return number * ((1024 if binary else 1000) ** power)
+
+
+def _block(setup: Setup) -> int:
+    """Parameters of one transformer block."""
+    return block_params(setup.model) // setup.model.num_layers
+
+
+def state_bytes(setup: Setup) -> dict[str, float]:
+    """Parameters, gradients, optimizer state and the engine's buffers, per GPU."""
+    p, n, block = setup.model.num_params(), setup.gpus, _block(setup)
+    kind = setup.sharding
+    if kind == "none":
+        buckets = 4.0 * p if setup.backend == "ddp" and n > 1 else 0.0
+        return {"parameters": 4.0 * p, "gradients": 4.0 * p, "optimizer": 8.0 * p,
+                "buffers": buckets}  # fmt: skip
+    if setup.backend == "fsdp":
+        accumulated = 4.0 * p if setup.accumulation > 1 else 0.0
+        return {"parameters": 4.0 * p / n, "gradients": 4.0 * p / n + accumulated,
+                "optimizer": 8.0 * p / n, "buffers": 2 * 2.0 * block + 4.0 * block}  # fmt: skip
+    stage = setup.zero_stage
+    buffers = 2 * 2.0 * min(5e8, p) if stage < 3 else 2.0 * min(1e9, p)
+    return {"parameters": 2.0 * p / (n if stage == 3 else 1),
+            "gradients": 2.0 * p / (n if stage >= 2 else 1),
+            "optimizer": 12.0 * p / n, "buffers": buffers}  # fmt: skip
+
+
+def activation_bytes(setup: Setup) -> dict[str, float]:
+    """Saved activations of one micro-batch and the transient of one block's backward."""
+    config, tokens = setup.model, setup.tokens_per_gpu
+    per_value = 4.0 if setup.dtype == "fp32" else BF16_BYTES_PER_VALUE
+    per_block = ACTIVATION_VALUES * config.embed_dim * tokens * per_value
+    kept_per_block = (config.embed_dim * tokens * per_value if setup.activation_checkpointing
+                      else per_block)  # fmt: skip
+    head = 0.15 * tokens * (3 * config.embed_dim + 2 * config.vocab_size) * 4.0
+    saved = config.num_layers * kept_per_block + OUTSIDE_VALUES * config.embed_dim * tokens * 4
+    return {"activations": saved + head, "transient": per_block}
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """esmdist.metrics' formula per token at the bundled length distribution."""
+    attention = 12.0 * config.num_layers * config.embed_dim * EFFECTIVE_LENGTH
+    head = 0.15 * 6.0 * (config.embed_dim**2 + config.embed_dim * config.vocab_size)
+    return 6.0 * block_params(config) + attention + head
+
+
+def communication_bytes(setup: Setup) -> float:
+    """Bytes each GPU sends (≈ receives) per optimizer step."""
+    p, n, k = setup.model.num_params(), setup.gpus, setup.accumulation
+    ring = (n - 1) / n
+    kind = setup.sharding
+    if n == 1:
+        return 0.0
+    if kind == "none":
+        return ring * 2 * 4.0 * p
+    if kind in ("zero1", "zero2"):
+        reduce = 2.0 * p * (k if kind == "zero2" else 1)
+        return ring * (reduce + 2.0 * p)
+    reduce = 4.0 * p if setup.backend == "fsdp" else 2.0 * p
+    return ring * (k * (2.0 * p + 2.0 * p) + reduce)
+
+
+def bandwidth(gpus: int) -> float:
+    """Bytes/s of a ring over `gpus`: NVLink inside one node, the NIC across nodes."""
+    return (NVLINK_GBPS if gpus <= GPUS_PER_NODE else INTERNODE_GBPS) * 1e9
+
+
+@dataclass(frozen=True)
+class Plan:
+    setup: Setup
+    memory: dict[str, float]
+    compute_s: float
+    communication_s: float
+    exposed_s: float
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= 0.95 * self.setup.gpu_memory  # the allocator's margin
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.exposed_s
+
+    @property
+    def scaling_efficiency(self) -> float:
+        return self.compute_s / self.step_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.setup.gpus * self.setup.accumulation * self.setup.tokens_per_gpu / self.step_s
+
+
+def plan(setup: Setup) -> Plan:
+    memory = {**state_bytes(setup), **activation_bytes(setup)}
+    tokens = setup.accumulation * setup.tokens_per_gpu
+    compute = tokens * flops_per_token(setup.model) / (setup.mfu * setup.peak_tflops * 1e12)
+    communication = communication_bytes(setup) / bandwidth(setup.gpus)
+    # Overlapped with compute but for one block's worth at the start or end of the step.
+    unhidden = communication / setup.model.num_layers
+    exposed = max(0.0, communication - compute) + unhidden
+    return Plan(setup, memory, compute, communication, exposed)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:8.2f} GB"
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(seconds, 86400)
+    return f"{int(days)} d {rest / 3600:.1f} h" if days else f"{seconds / 3600:.1f} h"
+
+
+def describe(result: Plan, budget_tokens: float) -> str:
+    """The plan as the command prints it."""
+    setup, model = result.setup, result.setup.model
+    engine = setup.backend + (f" ZeRO-{setup.zero_stage}" if setup.backend == "deepspeed" else "")
+    lines = [f"{model.arch} {model.num_layers} layers × {model.embed_dim} "
+             f"({model.num_params() / 1e9:.2f} B parameters) on {setup.gpus} GPU(s) of "
+             f"{setup.gpu_memory / 1e9:.0f} GB, {engine}, {setup.dtype}, activation "
+             f"checkpointing {'on' if setup.activation_checkpointing else 'off'}",
+             f"micro-batch {setup.tokens_per_gpu:,} tokens per GPU × {setup.accumulation} "
+             f"accumulation × {setup.gpus} GPUs = {setup.accumulation * setup.tokens_per_gpu * setup.gpus:,} "
+             "tokens per step", "", "memory per GPU:"]  # fmt: skip
+    lines += [f"  {name:<12} {_gb(value)}" for name, value in result.memory.items()]
+    verdict = "fits" if result.fits else "does NOT fit"
+    lines += [f"  {'total':<12} {_gb(result.total_bytes)}  → {verdict} in "
+              f"{setup.gpu_memory / 1e9:.0f} GB (with a 5% allocator margin)", ""]  # fmt: skip
+    steps = budget_tokens / (setup.accumulation * setup.tokens_per_gpu * setup.gpus)
+    lines += [f"per step: compute {result.compute_s:.3f} s at {setup.mfu:.0%} MFU of "
+              f"{setup.peak_tflops:.0f} TFLOP/s, communication {result.communication_s:.3f} s "
+              f"({communication_bytes(setup) / 1e9:.1f} GB per GPU at "
+              f"{bandwidth(setup.gpus) / 1e9:.0f} GB/s), exposed {result.exposed_s:.3f} s "
+              f"→ scaling efficiency {result.scaling_efficiency:.1%}",
+              f"throughput: {result.tokens_per_s:,.0f} tokens/s ({result.tokens_per_s / setup.gpus:,.0f} "
+              "per GPU)",
+              f"budget {budget_tokens:.3g} tokens = {steps:,.0f} steps: {_duration(steps * result.step_s)}",
+              "", "assumptions: lengths as the bundled UniRef-like set cropped at 1,024 "
+              f"(Σs²/Σs = {EFFECTIVE_LENGTH:.0f}); MFU as given (--mfu; measured: "
+              f"{MEASURED_MFU:.0%} step-level for 650M on one H200); NVLink {NVLINK_GBPS:.0f} GB/s "
+              f"inside a node of {GPUS_PER_NODE}, {INTERNODE_GBPS:.0f} GB/s per GPU across nodes; "
+              "communication hidden behind compute except one block's worth; formulas: "
+              "docs/PERFORMANCE.md"]  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""`esmdist plan`: the memory formulas on known answers (ZeRO's 16P split per stage, DDP's
+buckets, FSDP2's accumulated gradients), the activation formula against what autograd really
+saves on real packed batches (debug, 8M; with and without activation checkpointing), the
+communication volumes, and the command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from esmdist.cli import main
+from esmdist.data.batch import MaskingConfig, crop, pack, with_specials
+from esmdist.model import model_config
+from esmdist.plan import (
+    Setup,
+    activation_bytes,
+    communication_bytes,
+    parse_bytes,
+    plan,
+    state_bytes,
+)
+from esmdist.testing.memory import saved_bytes
+
+GB = 1e9
+
+
+def setup(size="esm2_650M", gpus=8, **extra) -> Setup:
+    return Setup(model_config(size), gpus, 80 * GB, **extra)
+
+
+def test_sizes_parse():
+    assert parse_bytes("80GB") == 80e9 and parse_bytes("141GiB") == 141 * 2**30
+    assert parse_bytes("512 MB") == 512e6 and parse_bytes("2T") == 2e12
+    with pytest.raises(ValueError, match="give a size"):
+        parse_bytes("eighty")
+
+
+def test_states_split_as_zero_says():
+    p = model_config("esm2_3B").num_params()
+    for stage, (params, grads) in {1: (2 * p, 2 * p), 2: (2 * p, 2 * p / 64),
+                                   3: (2 * p / 64, 2 * p / 64)}.items():  # fmt: skip
+        found = state_bytes(setup("esm2_3B", 64, backend="deepspeed", zero_stage=stage))
+        assert found["parameters"] == params and found["gradients"] == grads
+        assert found["optimizer"] == 12 * p / 64
+    ddp = state_bytes(setup("esm2_3B", 8, backend="ddp"))
+    assert ddp == {"parameters": 4 * p, "gradients": 4 * p, "optimizer": 8 * p, "buffers": 4 * p}
+    assert state_bytes(setup("esm2_3B", 1, backend="single"))["buffers"] == 0
+    # FSDP2: 16P sharded; accumulating micro-batches keeps unsharded fp32 gradients (+4P).
+    one_micro = setup("esm2_3B", 128, tokens_per_gpu=16384)
+    assert one_micro.accumulation == 1
+    found = state_bytes(one_micro)
+    assert found["parameters"] + found["gradients"] + found["optimizer"] == 16 * p / 128
+    assert state_bytes(setup("esm2_3B", 8))["gradients"] == 4 * p / 8 + 4 * p
+
+
+def real_batch(tokens: int):
+    from tests.conftest import DEMO_FASTA
+
+    records = DEMO_FASTA.read_text().split(">")[1:]
+    rng = np.random.default_rng(0)
+    from esmdist import alphabet
+
+    sequences, total = [], 0
+    for record in records:
+        sequence = with_specials(crop(alphabet.encode("".join(record.splitlines()[1:])), 1024,
+                                      rng.random()))  # fmt: skip
+        if total + len(sequence) > tokens:
+            break
+        sequences.append(sequence)
+        total += len(sequence)
+    return pack(sequences, MaskingConfig(), rng.random((3, total)))
+
+
+@pytest.mark.parametrize("size, checkpointing, tolerance", [
+    ("debug", False, 0.03), ("esm2_8M", False, 0.03), ("esm2_8M", True, 0.08),
+])  # fmt: skip
+def test_the_activation_formula_is_what_autograd_saves(size, checkpointing, tolerance):
+    from esmdist.parallel.prepare import training_model
+
+    torch.manual_seed(0)
+    model = training_model(
+        model_config(size), 0, torch.device("cpu"), activation_checkpointing=checkpointing
+    )
+    batch = real_batch(2048)
+
+    def forward():
+        logits = model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
+        return F.cross_entropy(logits.float(), batch.targets)
+
+    measured = saved_bytes(forward, model.parameters())
+    predicted = activation_bytes(Setup(model.config, 1, 80 * GB, "single",
+                                       activation_checkpointing=checkpointing,
+                                       tokens_per_gpu=batch.num_tokens, dtype="fp32"))  # fmt: skip
+    assert predicted["activations"] == pytest.approx(measured, rel=tolerance)
+
+
+def test_communication_volumes_and_scaling():
+    p = model_config("esm2_650M").num_params()
+    assert communication_bytes(setup(gpus=1)) == 0
+    assert communication_bytes(setup(gpus=2, backend="ddp")) == pytest.approx(4 * p)
+    one = setup(gpus=128, tokens_per_gpu=16384)  # FSDP2, 1 micro-batch: 2P + 2P + 4P fp32
+    assert communication_bytes(one) == pytest.approx(127 / 128 * 8 * p)
+    found = plan(one)
+    assert 0 < found.scaling_efficiency <= 1 and found.fits
+    assert found.step_s == pytest.approx(found.compute_s + found.exposed_s)
+
+
+def test_the_command(capsys):
+    assert main(["plan", "--model", "esm2_15B", "--gpus", "64", "--backend", "deepspeed",
+                 "--zero", "3", "--activation-checkpointing", "--tokens-per-gpu", "8192",
+                 "--scaling"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "→ fits in 80 GB" in out and "budget 1.05e+12 tokens" in out and "   256 " in out
+    assert main(["plan", "--model", "esm2_15B", "--gpus", "1", "--backend", "single"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "--model", "esm2_8M", "--gpus", "2", "--backend", "single"]) == 2
+    assert "--backend single runs on one GPU" in capsys.readouterr().err
+    assert main(["plan", "--model", "esm2_8M", "--gpu-memory", "lots"]) == 2
