@@ -11,6 +11,10 @@ residues by the attention mask. esmdist batches by tokens, sorted by length.
 L = 1,024 and 2,048 (each in a fresh process: its peak RSS above the loaded model's), against
 the size of one float32 attention stack, layers × heads × L² × 4 bytes — the explicit path
 keeps every layer's maps for the regression, so the cost is quadratic in L by nature.
+
+`--long`: peak host memory of `eval embed` on one sequence of L = 1,024, 4,096 and 10,000
+residues (real sequences of the bundled set joined end to end), each in a fresh process: fused
+attention, so linear in L.
 """
 
 from __future__ import annotations
@@ -61,6 +65,30 @@ def contacts_peak(size: str, length: int) -> None:
     print((after - before) / 2**20)
 
 
+def embed_peak(size: str, length: int) -> None:
+    """In this process: print the peak RSS growth (GiB) of embedding one `length`-residue
+    sequence (mean and per-residue vectors of the last layer)."""
+    from esmdist.eval.embed import embed_batch
+
+    joined = "".join(r.sequence for r in read_fasta(str(REPO / "data" / "demo_4k.fasta")))
+    torch.manual_seed(0)
+    model = build_model(model_config(size)).eval()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    embed_batch(model, [("long", joined[:length])], [model.config.num_layers], True)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 2**20)
+
+
+def long_memory(size: str) -> None:
+    peaks = {}
+    for length in (1024, 4096, 10000):
+        done = subprocess.run([sys.executable, __file__, "--size", size, "--embed-at",
+                               str(length)], capture_output=True, text=True, check=True)  # fmt: skip
+        peaks[length] = float(done.stdout.split()[-1])
+        print(f"{size} embed of one {length:,}-residue sequence: peak +{peaks[length]:.3f} GiB "
+              f"({peaks[length] * 2**30 / length / 1024:.1f} KiB per residue)")  # fmt: skip
+
+
 def contacts_memory(size: str) -> None:
     config = model_config(size)
     peaks = {}
@@ -83,11 +111,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--contacts-memory", action="store_true")
     parser.add_argument("--contacts-at", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--long", action="store_true")
+    parser.add_argument("--embed-at", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contacts_at:
         return contacts_peak(args.size, args.contacts_at)
     if args.contacts_memory:
         return contacts_memory(args.size)
+    if args.embed_at:
+        return embed_peak(args.size, args.embed_at)
+    if args.long:
+        return long_memory(args.size)
     from transformers import EsmModel
 
     records = list(read_fasta(str(REPO / "data" / "demo_4k.fasta")))[: args.sequences]

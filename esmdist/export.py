@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from esmdist.checkpoint import STEP_DIR, CheckpointError, Committed, open_checkpoint
+from esmdist.checkpoint import (
+    STEP_DIR,
+    CheckpointError,
+    CheckpointStore,
+    Committed,
+    open_checkpoint,
+    step_name,
+)
 from esmdist.config import ModelSpec, build_section
 from esmdist.model import ESM, ModelConfig
 
@@ -79,13 +86,39 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
     return config, {k: v.float() for k, v in wanted["model"].items()}
 
 
+FINAL_EXPORT = "final"
+"""The Hugging Face directory written in train.output_dir when the last step is done (renamed
+into place whole)."""
+
+
+def run_model(source: str) -> str | None:
+    """The model a run directory stands for: its `final/` export when the run finished, else
+    its newest committed checkpoint (in it, or in its `checkpoints/`); None when `source` is
+    not a run directory or checkpoint root."""
+    if "://" not in source and (Path(source) / FINAL_EXPORT / "config.json").is_file():
+        return str(Path(source) / FINAL_EXPORT)
+    if "://" not in source and (Path(source) / "config.json").is_file():
+        return None  # a Hugging Face directory
+    for root in (source.rstrip("/"), f"{source.rstrip('/')}/checkpoints"):
+        committed, _ = CheckpointStore(root).steps()
+        if committed:
+            return f"{root}/{step_name(committed[-1])}"
+    return None
+
+
 def model_weights(source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(architecture, full state dict) of `source`: an esmdist checkpoint (`…/step_NNNNNNNNN`),
-    a fair-esm `.pt` file or a Hugging Face EsmForMaskedLM directory — local or s3://."""
+    a run directory (its `final/`, else its newest checkpoint), a fair-esm `.pt` file or a
+    Hugging Face EsmForMaskedLM directory — local or s3://."""
     from esmdist.model import convert
 
     if STEP_DIR.match(source.rstrip("/").rsplit("/", 1)[-1]):
         return consolidated_weights(source)
+    if ("://" in source and not source.endswith(".pt")) or Path(source).is_dir():
+        resolved = run_model(source)
+        if resolved is not None:
+            print(f"{source}: a run directory; its model is {resolved}", flush=True)
+            return model_weights(resolved)
     if "://" in source:
         with tempfile.TemporaryDirectory(prefix="esmdist-model-") as scratch:
             return model_weights(str(_download(source, Path(scratch))))

@@ -11,14 +11,11 @@ from pathlib import Path
 
 from esmdist.checkpoint import CheckpointStore
 from esmdist.config import JobConfig
+from esmdist.export import FINAL_EXPORT
 
 PREEMPTED_MARKER = "PREEMPTED"
 """Written by rank 0 in train.output_dir after a stop request's checkpoint is committed
 ("stopped after step N"); removed when the next attempt starts."""
-
-FINAL_EXPORT = "final"
-"""The Hugging Face directory written in train.output_dir when the last step is done (renamed
-into place whole)."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from esmdist.data.stream import (
 )
 from esmdist.eval.contact_fit import ContactValidation
 from esmdist.eval.perplexity import masked_perplexity
-from esmdist.export import model_weights
+from esmdist.export import FINAL_EXPORT, model_weights
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
 from esmdist.model import ModelConfig
 from esmdist.optim import build_optimizer, set_schedule_step
@@ -47,7 +47,7 @@ from esmdist.parallel.engine import load_full_weights
 from esmdist.parallel.prepare import training_model
 from esmdist.preflight import quick_problems, storage_problems, world_size_from_environment
 from esmdist.signals import StopRequest, stop_request
-from esmdist.status import FINAL_EXPORT, PREEMPTED_MARKER
+from esmdist.status import PREEMPTED_MARKER
 from esmdist.storage import StorageError
 from esmdist.train_state import TrainState, resumable, rng_state, set_rng_state
 

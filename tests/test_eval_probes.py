@@ -172,3 +172,22 @@ def test_report_on_a_random_8m_model_through_its_hf_directory(tmp_path):
     assert metrics["homology"]["domains"] == 893 and metrics["ss"]["test_chains"] == 10
     assert -1 <= metrics["variants"]["spearman"] <= 1
     assert (report / "contacts.csv").read_text().count("\n") == 13  # header + 12 structures
+
+
+def test_a_run_directory_is_a_model(run_dir, tmp_path, capsys):
+    """--model RUN_DIR: its final/ export when there is one, else its newest checkpoint."""
+    import shutil
+
+    from esmdist.export import model_weights, run_model
+
+    _, out = run_dir
+    assert run_model(str(out)) == str(out / "final")
+    copy = tmp_path / "unfinished"
+    shutil.copytree(out / "checkpoints", copy / "checkpoints")
+    assert run_model(str(copy)) == str(copy / "checkpoints" / "step_000000004")
+    assert run_model(str(copy / "checkpoints")) == str(copy / "checkpoints" / "step_000000004")
+    final, newest = model_weights(str(out))[1], model_weights(str(copy))[1]
+    assert all(torch.allclose(final[k], newest[k]) for k in final)
+    assert main(["eval", "pppl", "--model", str(copy), "--fasta", str(SCOP), "--limit", "1"]) == 0
+    assert "a run directory; its model is" in capsys.readouterr().out
+    assert run_model(str(tmp_path / "empty")) is None

@@ -61,8 +61,9 @@ def add_model_arguments(command: argparse.ArgumentParser, curve: bool = False) -
     which = command.add_mutually_exclusive_group(required=True) if curve else command
     which.add_argument("--model", required=not curve,
                        help=f"a size name for an untrained model ({', '.join(MODEL_SIZES)}), an "
-                       "esmdist checkpoint or run's final/, a fair-esm .pt file or a Hugging "
-                       "Face directory (local or s3://)")  # fmt: skip
+                       "esmdist checkpoint, a run directory (its final/, else its newest "
+                       "checkpoint), a fair-esm .pt file or a Hugging Face directory (local or "
+                       "s3://)")  # fmt: skip
     if curve:
         which.add_argument("--checkpoints", metavar="RUN_DIR",
                            help="evaluate every committed checkpoint of a run (its output_dir "
