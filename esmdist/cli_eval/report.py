@@ -30,6 +30,8 @@ PUBLISHED = {
 
 
 def _contacts(model, args, data: Path, out: Path) -> dict:
+    import torch
+
     from esmdist.model import build_model
 
     fit_on = read_structures([str(data / "structures" / "fit")])
@@ -37,6 +39,7 @@ def _contacts(model, args, data: Path, out: Path) -> dict:
     rows = contact_rows(model, test, fit_on)
     write_results(str(out), "contacts", {"model": args.model}, rows)
     plot_chain_contacts(model, test[:1], str(out / "contact_map.png"))
+    torch.manual_seed(0)  # the same random baseline every time
     random = build_model(model.config).eval().to(next(model.parameters()).device)
     baseline = mean_metrics(contact_rows(random, test, fit_on))
     return {**mean_metrics(rows), "random_model_mean_long_P@L": baseline["mean_long_P@L"],

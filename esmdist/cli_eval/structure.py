@@ -108,11 +108,15 @@ def probe_results(model, args: argparse.Namespace) -> dict:
 
     test = read_netsurfp(args.test, args.limit_test)
     if args.probe:
-        probes = {p.states: p for p in map(Probe.load, args.probe)}
-        for path, probe in zip(args.probe, probes.values(), strict=False):
+        loaded = [(path, Probe.load(path)) for path in args.probe]
+        for path, probe in loaded:
             if len(probe.mean) != model.config.embed_dim:
                 raise ValueError(f"{path}: a probe of {len(probe.mean)}-wide features, the "
                                  f"model's are {model.config.embed_dim}")  # fmt: skip
+            if probe.layer != loaded[0][1].layer or probe.layer > model.config.num_layers:
+                raise ValueError(f"{path}: a probe of layer {probe.layer}; give probes of one "
+                                 f"layer of this {model.config.num_layers}-layer model")  # fmt: skip
+        probes = {probe.states: probe for _, probe in loaded}
     else:
         layer = resolve_layers([args.layer], model.config.num_layers)[0]
         train = read_netsurfp(args.train, args.limit_train)
