@@ -161,11 +161,14 @@ def test_preemption_checkpoints_requeues_and_resumes_bitwise(cluster, workspace,
 
 def test_a_time_limit_checkpoints_requeues_and_finishes_over_restarts(cluster, workspace,
                                                                       uninterrupted):  # fmt: skip
-    # 80 steps of two micro-batches need more than the one-minute limit (~70 s alone on the
-    # 2-core machine); --signal warns 20 s before it (Slurm may send it up to a minute early):
-    # the job checkpoints and requeues until it is done.
+    # 640 steps of two micro-batches need more than the one-minute limit (~100 s alone on the
+    # 2-core machine since packed CPU attention runs per sequence; 80 steps took ~70 s before);
+    # --signal warns 20 s before it (Slurm may send it up to a minute early): the job
+    # checkpoints and requeues until it is done.
     job, log = submit(cluster, workspace, "--time", "00:01:00", "--signal-seconds", "20",
-                      config="slow.toml", overrides=("--train.output_dir=timed", "--train.max_steps=80"))  # fmt: skip
+                      config="slow.toml", overrides=("--train.output_dir=timed",
+                                                     "--train.max_steps=640",
+                                                     "--checkpoint.every=32"))  # fmt: skip
     info = cluster.wait_done(job, timeout=600)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
@@ -174,7 +177,7 @@ def test_a_time_limit_checkpoints_requeues_and_finishes_over_restarts(cluster, w
     for start in range(restarts + 1):
         assert f"esmdist job {job} restart {start} " in text
     assert text.count("resumed from step_") == restarts
-    assert "committed step 80 of 80; finished" in text
+    assert "committed step 640 of 640; finished" in text
     assert (workspace / "timed" / "final" / "config.json").is_file()
 
 
