@@ -46,6 +46,14 @@ def _contacts(model, args, data: Path, out: Path) -> dict:
             "fit_structures": len(fit_on), "test_structures": len(test)}  # fmt: skip
 
 
+def _variants(model, data: Path) -> tuple[dict, list[dict]]:
+    from esmdist.eval.variants import read_dms
+
+    dms, sequence = str(data / YAP1 / "data.csv"), wild_type(str(data / YAP1 / "wt.fasta"))
+    table = read_dms(dms, "mutant", "log_fitness", sequence, 170)
+    return dms_spearman(model, dms, sequence, "log_fitness", table)
+
+
 def _secondary(model, args, data: Path) -> dict:
     from esmdist.eval.secondary import read_netsurfp, score_probes, train_probes
 
@@ -117,9 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         metrics["perplexity"] = held_out_perplexity(model, args.shards, "valid", 16384,
                                                     args.crop_length)  # fmt: skip
     metrics["contacts"] = _contacts(model, args, data, out)
-    summary, rows = dms_spearman(model, str(data / YAP1 / "data.csv"),
-                                 wild_type(str(data / YAP1 / "wt.fasta")), "log_fitness",
-                                 offset=170)  # fmt: skip
+    summary, rows = _variants(model, data)
     write_results(str(out), "variants", summary, rows)
     metrics["variants"] = summary
     metrics["ss"] = _secondary(model, args, data)

@@ -69,12 +69,12 @@ def _cmd_pppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def dms_spearman(model, dms: str, sequence: str, score_column: str, mutant_column: str = "mutant",
-                 offset: int = 1, scoring: str = "masked-marginals") -> tuple[dict, list[dict]]:  # fmt: skip
-    """(summary with Spearman's ρ, one row per variant) of a DMS table."""
-    from esmdist.eval.variants import read_dms, score_mutants, spearman
+def dms_spearman(model, dms: str, sequence: str, score_column: str, table: tuple,
+                 scoring: str = "masked-marginals") -> tuple[dict, list[dict]]:  # fmt: skip
+    """(summary with Spearman's ρ, one row per variant) of the DMS table `read_dms` read."""
+    from esmdist.eval.variants import score_mutants, spearman
 
-    codes, mutants, measured = read_dms(dms, mutant_column, score_column, sequence, offset)
+    codes, mutants, measured = table
     predicted = score_mutants(model, sequence, mutants, scoring)
     summary = {"dms": dms, "scoring": scoring, "variants": len(codes),
                "spearman": spearman(predicted, measured)}  # fmt: skip
@@ -94,11 +94,10 @@ def _cmd_variants(args: argparse.Namespace) -> int:
     from esmdist.eval.variants import read_dms
 
     sequence = wild_type(args.sequence)
-    read_dms(
-        args.dms, args.mutant_column, args.score_column, sequence, args.offset
-    )  # checked first
+    # Read (and checked) before the model is loaded: a bad table fails in a second.
+    table = read_dms(args.dms, args.mutant_column, args.score_column, sequence, args.offset)
     summary, rows = dms_spearman(model_from_args(args), args.dms, sequence, args.score_column,
-                                 args.mutant_column, args.offset, args.scoring)  # fmt: skip
+                                 table, args.scoring)  # fmt: skip
     print(f"{args.dms}: {summary['variants']:,} variants, {args.scoring}: "
           f"Spearman ρ = {summary['spearman']:.4f}")  # fmt: skip
     if args.out:

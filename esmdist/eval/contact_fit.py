@@ -43,11 +43,19 @@ class ContactRegression:
 
 
 @torch.no_grad()
+def attention_features(model, head, sequence: str, device: torch.device) -> torch.Tensor:
+    """The regression's inputs [L, L, layers × heads] for `sequence`: `model` runs the forward
+    (in training, the engine's wrapped model), `head` is its contact head."""
+    tokens = torch.from_numpy(alphabet.encode(sequence))[None].to(device)
+    out = model(tokens, need_weights=True)
+    return head.features(tokens, out.attentions)[0]
+
+
 def pair_features(model, chain: Chain) -> tuple[np.ndarray, np.ndarray]:
     """(features [P, layers × heads], labels [P]) of the chain's scored pairs."""
-    tokens = torch.from_numpy(alphabet.encode(chain.sequence))[None].to(compute_device(model))
-    out = model(tokens, need_weights=True)
-    return scored_pairs(model.contact_head.features(tokens, out.attentions)[0], chain)
+    features = attention_features(model, model.contact_head, chain.sequence,
+                                  compute_device(model))  # fmt: skip
+    return scored_pairs(features, chain)
 
 
 def scored_pairs(features: torch.Tensor, chain: Chain) -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +74,23 @@ def _l1() -> dict:
     return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
 
 
-def fit_regression(model, chains: list[Chain], C: float = L1_C) -> ContactRegression:
-    """Fit the regression on `chains` (progress on stderr); the model is left unchanged."""
+def _fit_l1(parts: list[tuple[np.ndarray, np.ndarray]], C: float):
+    """The L1 logistic regression (liblinear) on the (features, labels) of every chain."""
     from sklearn.linear_model import LogisticRegression
-    from tqdm import tqdm
 
-    parts = [pair_features(model, chain) for chain in tqdm(chains, desc="attention maps")]
-    features = np.concatenate([f for f, _ in parts])
     labels = np.concatenate([y for _, y in parts])
     if labels.min() == labels.max():
         raise ValueError("the training structures have no contacts (or no non-contacts) at "
                          f"separation ≥ {MIN_SEPARATION}: fit on real, folded chains")  # fmt: skip
     fitted = LogisticRegression(C=C, solver="liblinear", max_iter=1000, **_l1())
-    fitted.fit(features, labels)
+    return fitted.fit(np.concatenate([x for x, _ in parts]), labels)
+
+
+def fit_regression(model, chains: list[Chain], C: float = L1_C) -> ContactRegression:
+    """Fit the regression on `chains` (progress on stderr); the model is left unchanged."""
+    from tqdm import tqdm
+
+    fitted = _fit_l1([pair_features(model, c) for c in tqdm(chains, desc="attention maps")], C)
     if not fitted.coef_.any():
         print(f"warning: the L1 fit (C={C}) kept no layer × head: this model's attention carries "
               "no contact signal on these structures, and its contact predictions are constant "
@@ -161,26 +173,18 @@ class ContactValidation:
         self.test, self.fit = read_structures([test]), read_structures([fit])
         check_disjoint(ContactRegression([], 0.0, [c.name for c in self.fit]), self.test)
 
-    @torch.no_grad()
-    def _features(self, model, head, chain: Chain) -> torch.Tensor:
-        tokens = torch.from_numpy(alphabet.encode(chain.sequence))[None]
-        tokens = tokens.to(next(head.parameters()).device)
-        out = model(tokens, need_weights=True)
-        return head.features(tokens, out.attentions)[0]
-
     def __call__(self, model, head) -> float:
         """Mean long-range P@L; `model` runs the forwards, `head` (its `contact_head`) makes the
         features."""
-        from sklearn.linear_model import LogisticRegression
-
         from esmdist.eval.contacts import contact_metrics
 
-        parts = [scored_pairs(self._features(model, head, chain), chain) for chain in self.fit]
-        fitted = LogisticRegression(C=L1_C, solver="liblinear", max_iter=1000, **_l1())
-        fitted.fit(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+        device = next(head.parameters()).device
+        fitted = _fit_l1([scored_pairs(attention_features(model, head, c.sequence, device), c)
+                          for c in self.fit], L1_C)  # fmt: skip
         precisions = []
         for chain in self.test:
-            features = self._features(model, head, chain).float().cpu().numpy()
+            features = attention_features(model, head, chain.sequence, device)
+            features = features.float().cpu().numpy()
             logits = features @ fitted.coef_[0] + fitted.intercept_[0]
             predicted = 1 / (1 + np.exp(-logits))
             precisions.append(contact_metrics(predicted, chain.contacts)["long_P@L"])
