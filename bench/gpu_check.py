@@ -8,7 +8,8 @@ correctness — on real sequences (data/demo_4k.fasta), ESM-2 and ESM-1b with ra
   one on the GPU (fp32: SDPA per sequence of the pack);
 - bf16: the packed varlen flash path and the padded SDPA path, each against the fp32 result
   (the varlen error must be of the padded path's size), and their gradients against each other;
-- that the varlen kernel really ran (calls counted).
+- that the varlen kernel really ran (calls counted);
+- that the trainer's step makes the host wait for the GPU nowhere (torch's sync debug mode).
 
 throughput — one training step (forward, backward, AdamW through esmdist's engine, bf16
 autocast) on the same real sequences (cropped to 1,022 residues, UniRef-like lengths), as
@@ -135,6 +136,52 @@ def correctness() -> bool:
     return ok
 
 
+def step_without_syncs() -> bool:
+    """The trainer's step (esmdist.train.train_step, esm2_8M, bf16, a pinned real batch) asks
+    the host to wait for the GPU nowhere: three steps under torch's sync debug mode "error",
+    after two warm-up steps (the optimizer's state is made in the first). The mode is shown to
+    catch a read first."""
+    from types import SimpleNamespace
+
+    from esmdist.config import load_config
+    from esmdist.parallel.distributed import DistInfo
+    from esmdist.train import Progress, engine_for, train_step
+
+    cuda = torch.device("cuda")
+    info = DistInfo(0, 1, 0, cuda)
+    config = load_config(None, ["--model.size=esm2_8M", "--parallel.backend=single",
+                                "--train.dtype=bf16", "--data.max_tokens=8192",
+                                "--train.tokens_per_step=8192"])  # fmt: skip
+    run = SimpleNamespace(engine=engine_for(config, info), info=info, progress=Progress(),
+                          model_config=config.model.build())  # fmt: skip
+    stop = SimpleNamespace(requested=None)
+    sequences, total = [], 0
+    for sequence in real_sequences(64, seed=2):
+        if total + len(sequence) <= 8192:
+            sequences.append(sequence)
+            total += len(sequence)
+    batch = batch_of(sequences).pin_memory()
+    warm = [train_step(run, step, [batch], stop).read() for step in (1, 2)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        try:
+            torch.ones(1, device=cuda).item()
+            caught = False
+        except RuntimeError:
+            caught = True
+        results = [train_step(run, step, [batch], stop) for step in (3, 4, 5)]
+        error = None
+    except RuntimeError as exc:
+        error = str(exc).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    values = [r.read() for r in results] if error is None else []
+    ok = caught and error is None and all(applied for _, _, applied in warm + values)
+    print(json.dumps({"step without syncs": ok, "debug mode catches .item()": caught,
+                      "error": error, "losses": [v[0] for v in warm + values]}))  # fmt: skip
+    return ok
+
+
 def time_steps(engine, tokens, cu_seqlens, selected, targets, steps: int) -> float:
     """Seconds per training step (3 warm-up steps first)."""
 
@@ -227,7 +274,8 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"varlen kernel available: {attention.varlen_attn is not None}")  # fmt: skip
     if args.what == "correctness":
-        sys.exit(0 if correctness() else 1)
+        passed = correctness()
+        sys.exit(0 if step_without_syncs() and passed else 1)
     rows = throughput(args.sizes, args.tokens, args.steps)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -6,10 +6,14 @@
 #   2. training-step throughput: padded vs packed per-sequence SDPA vs packed-varlen
 #      (… throughput); esmdist vs Hugging Face EsmForMaskedLM for 650M, and peak memory per
 #      token at crop 1,024/2,048/4,096 (bench/train_bench.py: the "hf" section),
-#   3. the main job on one GPU: shard the bundled proteins → train esm2_35M in bf16 with
+#   3. the trainer loop as a user runs it (bench/loop_bench.py): 35M and 150M against the step
+#      alone, 650M (plain and compiled) and 3B (activation checkpointing) for their MFU,
+#   4. the main job on one GPU: shard the bundled proteins → train esm2_35M in bf16 with
 #      checkpoints → resume from the checkpoint → evaluate held-out perplexity; then FSDP2
 #      under torchrun resuming the same run; torch.compile'd blocks on the varlen path.
-# Arguments pick sections (default: all): correctness throughput hf e2e
+# Arguments pick sections (default: all): correctness throughput hf loop e2e. All of them take
+# more than one call's 10 minutes: run `correctness loop` in one call, `throughput hf e2e` in
+# the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -32,7 +36,7 @@ step() {  # name, command...: run, log to $logs/name.txt and $OUT/steps.log, rem
     cat "$logs/$name.txt" >> "$OUT/steps.log"
     echo "=== $name took $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
 }
-sections=" ${*:-correctness throughput hf e2e} "
+sections=" ${*:-correctness throughput hf loop e2e} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if [[ $sections == *" correctness "* ]]; then
     step correctness python3 bench/gpu_check.py correctness
@@ -45,6 +49,20 @@ if [[ $sections == *" hf "* ]]; then
         --rounds 3 --steps 3 --json "$OUT/hf_650M.json"
     step memory python3 bench/train_bench.py --memory --model esm2_650M --device cuda \
         --tokens 16384 --json "$OUT/memory_650M.json"
+fi
+if [[ $sections == *" loop "* ]]; then
+    loop=(python3 bench/loop_bench.py --device cuda --tokens 16384 --workers 4 --rounds 1
+          --log-every 10)
+    for size in esm2_35M esm2_150M; do
+        step "loop_$size" "${loop[@]}" --model "$size" --steps 60 --step-level \
+            --json "$OUT/loop_$size.json"
+    done
+    step loop_650M "${loop[@]}" --model esm2_650M --steps 40 --step-level \
+        --json "$OUT/loop_650M.json"
+    step loop_650M_compiled "${loop[@]}" --model esm2_650M --steps 40 --compile \
+        --json "$OUT/loop_650M_compiled.json"
+    step loop_3B "${loop[@]}" --model esm2_3B --steps 30 \
+        --set=--train.activation_checkpointing=true --json "$OUT/loop_3B.json"
 fi
 if [[ $sections != *" e2e "* ]]; then exit $status; fi
 

@@ -3,6 +3,7 @@ a process group (one process) — so the same code runs under `python`, torchrun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,19 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(value)
     return value
+
+
+def all_reduce_sum_started(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start summing `value` over ranks; returns the function that waits for the sum."""
+    if not active():
+        return lambda: value
+    work = dist.all_reduce(value, async_op=True)
+
+    def finished() -> torch.Tensor:
+        work.wait()
+        return value
+
+    return finished
 
 
 def all_reduce_max(value: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ error naming the key, not an out-of-memory kill.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -89,6 +90,22 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
 FINAL_EXPORT = "final"
 """The Hugging Face directory written in train.output_dir when the last step is done (renamed
 into place whole)."""
+
+
+def write_final_export(
+    state: dict[str, torch.Tensor], config: ModelConfig, output_dir: Path
+) -> Path:
+    """`state` as a Hugging Face EsmForMaskedLM directory, `{output_dir}/final`: written aside
+    and renamed whole, so that a `final` directory is always a complete export."""
+    from esmdist.model.convert import save_hf
+
+    out = output_dir / FINAL_EXPORT
+    partial = out.with_name(f"{FINAL_EXPORT}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_hf({k: v.float().cpu() for k, v in state.items()}, config, partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
 
 
 def run_model(source: str) -> str | None:

@@ -52,10 +52,11 @@ def lr_lambda(warmup: int, max_steps: int, final_fraction: float):
     return factor
 
 
-def build_optimizer(optim: OptimConfig, max_steps: int, params):
-    """(AdamW, LambdaLR schedule) for `params`."""
+def build_optimizer(optim: OptimConfig, max_steps: int, params, fused: bool = False):
+    """(AdamW, LambdaLR schedule) for `params`; `fused`: torch's fused AdamW kernel (else the
+    foreach one)."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)  # fmt: skip
+                                  weight_decay=optim.weight_decay, fused=fused or None)  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim.warmup_steps, max_steps, optim.final_lr_fraction)
     )

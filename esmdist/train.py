@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -27,8 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, step_name
-from esmdist.collectives import all_reduce_max, all_reduce_sum, barrier, gather_objects
+from esmdist.collectives import all_reduce_sum, all_reduce_sum_started, barrier, gather_objects
 from esmdist.config import JobConfig, config_keys, load_config
+from esmdist.data.batch import PackedBatch
 from esmdist.data.stream import (
     DataError,
     ShardSet,
@@ -37,8 +37,8 @@ from esmdist.data.stream import (
     validation_batches,
 )
 from esmdist.eval.contact_fit import ContactValidation
-from esmdist.eval.perplexity import masked_perplexity
-from esmdist.export import FINAL_EXPORT, model_weights
+from esmdist.eval.perplexity import masked_perplexity_all_ranks
+from esmdist.export import model_weights, write_final_export
 from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
 from esmdist.model import ModelConfig
 from esmdist.optim import build_optimizer, set_schedule_step
@@ -163,11 +163,28 @@ class Run:
             self.checkpointer.close()
 
 
-@dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
-    applied: bool
+    """One step's loss, gradient norm and whether it was applied, copied from the device
+    without waiting; `read()` waits for this step's work only, not for what was queued after
+    it, so the loop can read a step late and keep the device busy."""
+
+    def __init__(self, step: int, values: list[torch.Tensor], stop: bool):
+        self.step = step
+        self.stop = stop
+        """Whether any rank was asked to stop (agreed before the step began)."""
+        device = values[0].device
+        on_device = torch.stack([v.to(device, torch.float64) for v in values])
+        self._host = on_device.to("cpu", non_blocking=True)
+        self._ready = torch.cuda.Event() if device.type == "cuda" else None
+        if self._ready is not None:
+            self._ready.record()
+
+    def read(self) -> tuple[float, float, bool]:
+        """(loss, gradient norm, applied); a step not applied has a NaN loss."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        loss, norm, applied = self._host.tolist()
+        return (loss if applied else math.nan), norm, bool(applied)
 
 
 def train(config: JobConfig) -> tuple[dict, Engine]:
@@ -250,7 +267,8 @@ def setup(config: JobConfig) -> Run:
             data_resume, run_id = state.data, state.wandb_run_id
             if info.is_main:
                 print(f"resumed from {where} at step {state.step}", flush=True)
-        loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume)
+        loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume,
+                             pin_memory=info.device.type == "cuda")  # fmt: skip
         wandb = {"project": config.log.project, "name": config.log.run_name or None}
         logger = MetricsLogger(Path(config.train.output_dir), info.is_main, config.to_dict(),
                                wandb if config.log.wandb else None, run_id)  # fmt: skip
@@ -266,20 +284,31 @@ def loop(run: Run, stop: StopRequest) -> dict:
     train, every = run.config.train, run.config.checkpoint.every
     batches = iter(run.loader)
     last: dict = {}
+    unread: list[StepResult] = []
     for step in range(run.progress.step + 1, train.max_steps + 1):
-        result = train_step(run, [next(batches) for _ in range(run.accumulation)])
+        result = train_step(run, step, [next(batches) for _ in range(run.accumulation)], stop)
         run.progress.window_steps += 1
-        _count_bad_steps(run, step, result.applied)
-        final_step = step == train.max_steps
-        if result.applied and (step % train.log_every == 0 or final_step):
-            last = _metrics(run, step, result)
-            run.logger.log(step, last)
-        if train.valid_every and (step % train.valid_every == 0 or final_step):
+        # The steps before this one are read now that this one is queued behind them: the host
+        # waits for a step it has just queued only where it needs the step's own outcome.
+        for earlier in unread:
+            _count_bad_steps(run, earlier.step, earlier.read()[2])
+        unread = [result]
+        final_step, stopping = step == train.max_steps, result.stop
+        logging = step % train.log_every == 0 or final_step
+        validating = bool(train.valid_every) and (step % train.valid_every == 0 or final_step)
+        saving = stopping or final_step or bool(every and step % every == 0)
+        if logging or validating or saving:
+            loss, grad_norm, applied = result.read()
+            _count_bad_steps(run, step, applied)
+            unread = []
+            if applied and logging:
+                last = _metrics(run, step, loss, grad_norm)
+                run.logger.log(step, last)
+        if validating:
             found = validate(run)
             last.update(found)
             run.logger.log(step, found)
-        stopping = stop_agreed(stop)
-        if stopping or final_step or (every and step % every == 0):
+        if saving:
             # Periodic saves upload in the background; the last one must be committed now.
             save(run, step, background=run.config.checkpoint.async_upload and not stopping
                  and not final_step)  # fmt: skip
@@ -295,43 +324,49 @@ def loop(run: Run, stop: StopRequest) -> dict:
     return last
 
 
-def train_step(run: Run, micro: list) -> StepResult:
-    """Forward and backward over the step's micro-batches, then the optimizer — or a skip on
-    every rank when any rank's loss is not finite."""
+def train_step(run: Run, step: int, micro: list, stop: StopRequest) -> StepResult:
+    """Forward and backward over the step's micro-batches, then the optimizer — or a step
+    dropped on every rank when the gradient norm (or, under an engine that applies in its
+    backward, any rank's loss) is not finite. Nothing here waits for the device."""
     engine, info, progress = run.engine, run.info, run.progress
-    counts = all_reduce_sum(torch.tensor(
-        [sum(b.targets.numel() for b in micro), sum(b.num_tokens for b in micro)],
-        dtype=torch.float64,
-    ))  # fmt: skip
-    masked = counts[0].item()
-    progress.tokens_seen += int(counts[1].item())
-    # The loss stays on the device until the step is done (engine.step reads the gradient
-    # norm anyway), and the FLOPs come from the host copy of the batch: no extra GPU→host sync
-    # per micro-batch beyond the finite-loss agreement.
+    # The one host-side collective of the step (gloo, also on GPUs): masked and real tokens
+    # on all ranks, and whether any rank got a stop signal; needed before the first backward.
+    totals = torch.tensor([sum(b.targets.numel() for b in micro),
+                           sum(b.num_tokens for b in micro), float(stop.requested is not None)],
+                          dtype=torch.float64)  # fmt: skip
+    summed = all_reduce_sum_started(totals)
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     for index, batch in enumerate(micro):
         flops = batch_flops(run.model_config, batch.cu_seqlens.diff(), batch.targets.numel())
-        batch = batch.to(info.device)
-        with engine.autocast():
-            logits = engine.model(batch.tokens, batch.cu_seqlens, output_mask=batch.selected).logits
-        loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
-        # Agree across ranks before any rank runs a backward that would hang the others.
-        if all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item():
+        loss = masked_lm_loss(engine, batch, info.device)
+        if index == 0:
+            masked, tokens, stops = summed().tolist()
+            progress.tokens_seen += int(tokens)
+        if engine.applies_in_backward and not _finite_on_every_rank(loss):
             engine.skip()
-            return StepResult(math.nan, math.nan, False)
+            return StepResult(step, [torch.tensor(math.nan)] * 2 + [torch.tensor(0.0)], stops > 0)
         engine.backward(loss * (info.world_size / masked), last=index == len(micro) - 1)
         loss_sum += loss.detach().double()
         progress.window_tokens += batch.num_tokens
         progress.window_flops += flops
     grad_norm, applied = engine.step()
-    loss = all_reduce_sum(loss_sum.cpu()).item() / masked if applied else math.nan
-    return StepResult(loss, grad_norm, applied)
+    return StepResult(step, [all_reduce_sum(loss_sum) / masked, grad_norm, applied], stops > 0)
 
 
-def stop_agreed(stop: StopRequest) -> bool:
-    """True on every rank as soon as any rank got a stop signal (checked once per step)."""
-    flag = all_reduce_sum(torch.tensor([1.0 if stop.requested else 0.0]))
-    return bool(flag.item())
+def masked_lm_loss(engine: Engine, batch: PackedBatch, device: torch.device) -> torch.Tensor:
+    """The cross-entropy summed over the masked positions of `batch` (on the host). The model
+    gets host copies of the lengths and of the masked positions too: they spare the device the
+    reads that slicing the pack and boolean indexing would make."""
+    on_device, positions = batch.to(device), batch.masked_positions(device)
+    with engine.autocast():
+        logits = engine.model(on_device.tokens, on_device.cu_seqlens, output_mask=positions,
+                              lengths=batch.cu_seqlens.diff().tolist()).logits  # fmt: skip
+    return F.cross_entropy(logits.float(), on_device.targets, reduction="sum")
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Agreed across ranks before any rank runs a backward that would hang the others."""
+    return not all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item()
 
 
 def save(run: Run, step: int, background: bool) -> None:
@@ -364,7 +399,7 @@ def _count_bad_steps(run: Run, step: int, applied: bool) -> None:
         )
 
 
-def _metrics(run: Run, step: int, result: StepResult) -> dict:
+def _metrics(run: Run, step: int, loss: float, grad_norm: float) -> dict:
     """The logged record of the window since the last one (then a new window starts); the
     ETA is the remaining steps at this window's time per step."""
     progress, info, max_steps = run.progress, run.info, run.config.train.max_steps
@@ -374,10 +409,10 @@ def _metrics(run: Run, step: int, result: StepResult) -> dict:
     tokens = all_reduce_sum(torch.tensor([float(progress.window_tokens)])).item()
     flops = all_reduce_sum(torch.tensor([progress.window_flops])).item()
     record = {
-        "loss": result.loss,
-        "perplexity": math.exp(min(result.loss, 50.0)),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
         "lr": run.engine.lr,
-        "grad_norm": result.grad_norm,
+        "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed,
         "tflops_per_device": flops / elapsed / info.world_size / 1e12,
         "tokens_seen": progress.tokens_seen,
@@ -413,38 +448,21 @@ def validate(run: Run) -> dict[str, float]:
     return found
 
 
-@torch.no_grad()
 def valid_perplexity(engine: Engine, shards: ShardSet, config: JobConfig, info: DistInfo) -> float:
-    """Masked-LM perplexity on the validation split (fixed masks), over all ranks.
-
-    Sharded engines need every rank in every forward, so ranks with fewer batches repeat their
-    first one (unscored) until all ranks are done."""
+    """Masked-LM perplexity on the validation split (fixed masks), over all ranks."""
     batches = list(validation_batches(shards, config.data, info.rank, info.world_size))
-    rounds = all_reduce_max(torch.tensor([len(batches)]))
     engine.model.eval()
     with engine.autocast():
-        ppl, count = masked_perplexity(engine.model, batches)
-        for _ in range(int(rounds) - len(batches)):
-            masked_perplexity(engine.model, batches[:1])
+        ppl = masked_perplexity_all_ranks(engine.model, batches)
     engine.model.train()
-    nll = math.log(ppl) * count if count else 0.0
-    totals = all_reduce_sum(torch.tensor([nll, float(count)], dtype=torch.float64))
-    return math.exp(totals[0].item() / max(totals[1].item(), 1.0))
+    return ppl
 
 
 def export_final(run: Run) -> None:
     """The trained model as a Hugging Face EsmForMaskedLM directory, `{output_dir}/final`."""
     final = run.engine.full_state_dict()
     if run.info.is_main:
-        from esmdist.model.convert import save_hf
-
-        # Written aside and renamed whole: a `final` directory is always a complete export.
-        out = Path(run.config.train.output_dir) / FINAL_EXPORT
-        partial = out.with_name(f"{FINAL_EXPORT}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        save_hf({k: v.float().cpu() for k, v in final.items()}, run.model_config, partial)
-        shutil.rmtree(out, ignore_errors=True)
-        partial.rename(out)
+        out = write_final_export(final, run.model_config, Path(run.config.train.output_dir))
         print(f"final model: {out} (Hugging Face EsmForMaskedLM directory)", flush=True)
 
 

@@ -101,9 +101,24 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
+    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.tokens, self.cu_seqlens, self.selected, self.targets
+
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(*(t.to(device, non_blocking=True) for t in
-                             (self.tokens, self.cu_seqlens, self.selected, self.targets)))  # fmt: skip
+        """A copy on `device`; from pinned memory (`pin_memory`) the copy does not wait."""
+        return PackedBatch(*(t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def masked_positions(self, device: torch.device | str) -> Tensor:
+        """int64 [M] positions of `selected`, made on the host and copied to `device` (through
+        pinned memory for a GPU, so that the copy does not wait)."""
+        positions = self.selected.nonzero().squeeze(1)
+        if torch.device(device).type == "cuda":
+            positions = positions.pin_memory()
+        return positions.to(device, non_blocking=True)
+
+    def pin_memory(self) -> PackedBatch:
+        """A copy in page-locked host memory (the DataLoader calls this with pin_memory=True)."""
+        return PackedBatch(*(t.pin_memory() for t in self._tensors()))
 
     def to_padded(self) -> tuple[Tensor, Tensor]:
         """(tokens [B, L] padded with <pad>, selected [B, L]) of the same sequences."""

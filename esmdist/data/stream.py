@@ -250,6 +250,9 @@ class SlotBatch:
     epoch: int
     read: int
 
+    def pin_memory(self) -> SlotBatch:
+        return SlotBatch(self.batch.pin_memory(), self.slot, self.epoch, self.read)
+
 
 def slot_sequences(
     shards: ShardSet, config: DataConfig, state: OrderState, slot: int, epochs: int | None
@@ -357,7 +360,9 @@ class TrainLoader:
 
     `resume` is a `merge_rank_states` result: with the same world size and workers every slot
     continues exactly; with another topology the rest of each open epoch is redistributed
-    (see esmdist.data.order)."""
+    (see esmdist.data.order). `pin_memory` (for a GPU) hands out batches in page-locked host
+    memory, pinned by the DataLoader's own thread, so that their copies to the GPU do not make
+    the training process wait."""
 
     def __init__(
         self,
@@ -366,8 +371,9 @@ class TrainLoader:
         rank: int = 0,
         world_size: int = 1,
         resume: dict | None = None,
+        pin_memory: bool = False,
     ):
-        self.shards, self.config = shards, config
+        self.shards, self.config, self.pin_memory = shards, config, pin_memory
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, config.num_workers)
         slots = world_size * self.workers
@@ -388,6 +394,7 @@ class TrainLoader:
             batch_size=None,
             num_workers=self.config.num_workers,
             prefetch_factor=4 if self.config.num_workers else None,
+            pin_memory=self.pin_memory,
             multiprocessing_context="spawn" if self.config.num_workers else None,
         )
         batches = iter(loader)

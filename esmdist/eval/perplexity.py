@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from esmdist import alphabet
+from esmdist.collectives import all_reduce_max, all_reduce_sum
 from esmdist.data.batch import PackedBatch
 from esmdist.eval.offload import compute_device
 from esmdist.model import ESM
@@ -74,3 +75,17 @@ def masked_perplexity(model: ESM, batches: Iterable[PackedBatch]) -> tuple[float
         total += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
         count += batch.targets.numel()
     return math.exp(total / max(count, 1)), count
+
+
+@torch.no_grad()
+def masked_perplexity_all_ranks(model: ESM, batches: list[PackedBatch]) -> float:
+    """`masked_perplexity` over every rank's `batches` together (each rank passes its own part).
+    Sharded models need every rank in every forward, so ranks with fewer batches repeat their
+    first one (unscored) until all ranks are done."""
+    rounds = all_reduce_max(torch.tensor([len(batches)]))
+    ppl, count = masked_perplexity(model, batches)
+    for _ in range(int(rounds) - len(batches)):
+        masked_perplexity(model, batches[:1])
+    nll = math.log(ppl) * count if count else 0.0
+    totals = all_reduce_sum(torch.tensor([nll, float(count)], dtype=torch.float64))
+    return math.exp(totals[0].item() / max(totals[1].item(), 1.0))

@@ -131,7 +131,8 @@ class ESM(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.lm_head.bias)
 
-    def _layout(self, tokens: Tensor, cu_seqlens: Tensor | None) -> _Layout:
+    def _layout(self, tokens: Tensor, cu_seqlens: Tensor | None,
+                host_lengths: list[int] | None) -> _Layout:  # fmt: skip
         is_mask = tokens.eq(alphabet.MASK) if self.config.token_dropout else None
         if cu_seqlens is None:
             if tokens.ndim != 2:
@@ -157,7 +158,8 @@ class ESM(nn.Module):
         positions = torch.arange(len(tokens), device=tokens.device) - cu_seqlens[seq_index]
         if self.config.arch == "esm1b":
             positions = positions + alphabet.PAD + 1
-        host_lengths = lengths.tolist()  # one read per batch; slicing the pack needs them
+        if host_lengths is None:  # on a GPU this read waits for all the work queued before it
+            host_lengths = lengths.tolist()
         attend = PackedSpans(cu_seqlens.to(torch.int32), max(host_lengths), host_lengths)
         mask_ratio = None
         if is_mask is not None:
@@ -169,10 +171,10 @@ class ESM(nn.Module):
             tokens[None], tokens.ne(alphabet.PAD)[None], positions[None], attend, mask_ratio, True
         )
 
-    def _check_length(self, layout: _Layout, cu_seqlens: Tensor | None) -> None:
+    def _check_length(self, layout: _Layout) -> None:
         if self.config.arch != "esm1b":
             return
-        longest = int(cu_seqlens.diff().max()) if layout.packed else layout.tokens.shape[1]
+        longest = layout.attend.max_seqlen if layout.packed else layout.tokens.shape[1]
         if longest > self.config.max_positions:
             raise ValueError(
                 f"ESM-1b takes at most {self.config.max_positions} tokens per sequence "
@@ -189,18 +191,23 @@ class ESM(nn.Module):
         need_weights: bool = False,
         return_contacts: bool = False,
         output_mask: Tensor | None = None,
+        lengths: list[int] | None = None,
     ) -> ModelOutput:
         """Run the model on a padded [B, L] batch, or a packed [T] one with `cu_seqlens`.
 
         `output_mask` (bool, shaped like `tokens`) applies the LM head only where it is True —
-        the masked positions during training — and returns logits [M, V].
+        the masked positions during training — and returns logits [M, V]; packed, it may also
+        be the int64 positions of those M tokens, which spares a GPU the count that boolean
+        indexing reads back. `lengths` (packed only) are the sequence lengths on the host when
+        the caller has them (a batch's own copy): otherwise they are read from `cu_seqlens`,
+        and on a GPU that read waits for all the work queued before it.
         `need_weights`/`return_contacts` take the explicit attention path (padded input only).
         """
         need_weights = need_weights or return_contacts
         if need_weights and cu_seqlens is not None:
             raise ValueError("attention maps and contacts need the padded layout")
-        layout = self._layout(tokens, cu_seqlens)
-        self._check_length(layout, cu_seqlens)
+        layout = self._layout(tokens, cu_seqlens, lengths)
+        self._check_length(layout)
         config = self.config
 
         x = self.embed_tokens(layout.tokens)

@@ -62,12 +62,14 @@ class DeepSpeedEngine(Engine):
         self.model.backward(loss * self.accumulation)
         self.model.step()  # applies the optimizer only at the accumulation boundary
 
-    def step(self) -> tuple[float, bool]:
+    applies_in_backward = True
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         # The optimizer already ran in the last backward(); DeepSpeed has no way to drop an
         # accumulated fp32/bf16 step, so a non-finite norm is reported as not applied.
         norm = self.model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        return norm, math.isfinite(norm)
+        norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64)
+        return norm, torch.isfinite(norm)
 
     def skip(self) -> None:
         raise RuntimeError(

@@ -1,10 +1,11 @@
 """One training engine interface over single process, DDP, FSDP2 and DeepSpeed ZeRO.
 
 The loop calls, per optimizer step: `forward` on each micro-batch, `backward(loss, last)` on
-it, then `step()` (clip, optimizer, LR schedule, zero grads; returns the gradient norm) or
-`skip()` (drop the step's gradients). Losses reaching `backward` are already normalised by
-the step's global count of masked tokens and multiplied by the world size, because every
-backend averages gradients over ranks.
+it, then `step()` (clip, optimizer or — for a non-finite gradient norm — a dropped step, LR
+schedule, zero grads; returns the gradient norm and whether the step was applied, as tensors
+the host need not wait for). Losses reaching `backward` are already normalised by the step's
+global count of masked tokens and multiplied by the world size, because every backend
+averages gradients over ranks.
 
 An engine is made from a built model (`esmdist.parallel.prepare`), the `parallel` section and
 the few facts of the step it needs (`EngineSettings`). Single, DDP and FSDP2 differ only in how
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
     from esmdist.parallel.distributed import DistInfo
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OptimizerFactory = Callable[[list], tuple[torch.optim.Optimizer, object]]
-"""params → (optimizer, LR schedule) (`esmdist.optim.build_optimizer`, bound to a config)."""
+OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, object]]
+"""(params, fused=…) → (optimizer, LR schedule) (`esmdist.optim.build_optimizer`, bound to a
+config)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,18 @@ class Engine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def step(self) -> tuple[float, bool]:
-        """Clip and apply the accumulated gradients: (gradient norm, applied). A non-finite
-        norm drops the step instead (applied = False)."""
+    applies_in_backward = False
+    """Whether the optimizer runs inside the step's last backward (DeepSpeed): a non-finite loss
+    must then be caught before that backward, by every rank alike, and `skip()` called."""
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and apply the accumulated gradients: (gradient norm, applied), 0-dim tensors. A
+        non-finite norm — the same on every rank, since it is the norm of the reduced
+        gradient — drops the step instead (applied false)."""
         raise NotImplementedError
 
     def skip(self) -> None:
-        """Drop the accumulated gradients (a step whose loss was not finite)."""
+        """Drop the accumulated gradients."""
         raise NotImplementedError
 
     @property
@@ -193,7 +200,8 @@ class TorchEngine(Engine):
         self.wrapped, self.model, self.module = wrapped, wrapped.model, module
         self.dtype, self.device, self.clip = DTYPES[settings.dtype], device, settings.grad_clip
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer, self.schedule = make_optimizer(self.params)
+        # Fused AdamW: one kernel per parameter group, and it drops a step on the device.
+        self.optimizer, self.schedule = make_optimizer(self.params, fused=True)
 
     def autocast(self):
         if self.wrapped.casts_itself or self.dtype == torch.float32:
@@ -205,16 +213,17 @@ class TorchEngine(Engine):
         with self.wrapped.gradient_sync(last):
             loss.backward()
 
-    def step(self) -> tuple[float, bool]:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(norm):
-            self.skip()
-            return norm, False
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip or math.inf, foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of the whole gradient, not a shard's
+            norm = norm.full_tensor()
+        # Decided on the device, without a read back to the host: fused AdamW leaves every
+        # parameter and moment (and its step count) untouched where `found_inf` is nonzero.
+        self.optimizer.found_inf = torch.isfinite(norm).logical_not().float()
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, True
+        return norm, self.optimizer.found_inf == 0
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,6 +243,15 @@ class TorchEngine(Engine):
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
+        # A checkpoint's parameter groups carry the implementation flags of the optimizer that
+        # saved it (foreach AdamW before 2026-12-02), and its step counts sit where that one
+        # kept them (the host): this engine steps with the fused kernel, counts on the device.
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for param in group["params"]:
+                moments = self.optimizer.state.get(param, {})
+                if "step" in moments:
+                    moments["step"] = moments["step"].to(param.device, torch.float32)
 
 
 def build_engine(model: ESM, parallel: ParallelConfig, info: DistInfo, settings: EngineSettings,

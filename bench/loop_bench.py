@@ -1,0 +1,177 @@
+"""The trainer loop as a user runs it (`launcher/pretrain.py`, its `metrics.jsonl`), against the
+same loop of another checkout (before/after a change) and against the bare training step of the
+same model and tokens — what the loop loses to the host (data, collectives, reads back from the
+device, logging).
+
+    python bench/loop_bench.py --model debug --world 2 --compare /tmp/before   # before/after
+    python bench/loop_bench.py --model esm2_8M --tokens 4096 --step-level      # loop vs step
+    python bench/loop_bench.py --model esm2_35M --device cuda --tokens 16384 --step-level
+
+The bundled proteins (data/demo_4k.fasta) are sharded once; each run trains `--steps` steps from
+scratch with configs/debug-cpu.toml's data settings, the named model, `--tokens` tokens per
+micro-batch and rank (one micro-batch per step), ESM-2's peak learning rate, no validation and
+no checkpoint (the run is stopped once its last step is logged). Its tokens/s is the median of
+the logged windows after the first (warm-up, compilation). Checkouts alternate, `--rounds` runs
+each; the ratio is of the medians. `--step-level` adds bench/train_bench.py's timing of the
+engine's step alone (same model, dtype and tokens per step) on the first batches the trainer's
+loader makes of the same shards, already in host memory, in this process after the runs
+(one process only: `--world 1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shard(out: Path) -> Path:
+    shards = out / "shards"
+    subprocess.run([sys.executable, "-m", "esmdist.cli", "shard", str(REPO / "data/demo_4k.fasta"),
+                    "--out", str(shards), "--shard-size", "1MB", "--workers", "2"],
+                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    return shards
+
+
+def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> list[dict]:
+    """The logged windows (tokens/s, MFU where the device's peak is known) after the first of
+    one training run from checkout `tree`."""
+    backend = "single" if args.world == 1 else args.backend
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    overrides = [
+        "--config", str(tree / "configs/debug-cpu.toml"), f"--model.size={args.model}",
+        f"--data.path={shards}", f"--data.max_tokens={args.tokens}",
+        f"--data.crop_length={args.crop}", f"--data.num_workers={args.workers}",
+        f"--train.tokens_per_step={args.tokens * args.world}", f"--train.max_steps={args.steps}",
+        f"--train.log_every={args.log_every}", "--train.valid_every=0", "--checkpoint.every=0",
+        f"--train.output_dir={out}", f"--parallel.backend={backend}", f"--train.dtype={dtype}",
+        f"--train.compile={str(args.compile).lower()}", "--optim.lr=4e-4", *args.set,
+    ]  # fmt: skip
+    launcher = [sys.executable, str(tree / "launcher/pretrain.py")]
+    if args.world > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", str(args.world), str(tree / "launcher/pretrain.py")]  # fmt: skip
+    path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
+    out.mkdir(parents=True)
+    with (out / "log.txt").open("w") as log:
+        process = subprocess.Popen([*launcher, *overrides], cwd=tree, stdout=log,
+                                   env={**os.environ, "PYTHONPATH": path},
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        records = _records_until(process, out / "metrics.jsonl", args.steps)
+    if records is None:
+        tail = (out / "log.txt").read_text()[-3000:]
+        sys.exit(f"{tree}: training failed ({process.returncode}):\n{tail}")
+    return [r for r in records if "tokens_per_s" in r][1:]
+
+
+def _records_until(process: subprocess.Popen, metrics: Path, last_step: int) -> list | None:
+    """The metrics records once step `last_step` is logged — then the run is killed: its final
+    checkpoint and export (minutes at 3B) are not what is measured. None if it fails first."""
+    while True:
+        text = metrics.read_text() if metrics.exists() else ""
+        records = [json.loads(line) for line in text.splitlines(keepends=True)
+                   if line.endswith("\n")]  # fmt: skip
+        if any(r.get("step") == last_step for r in records):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return records
+        if process.poll() is not None:
+            return records if process.returncode == 0 else None
+        time.sleep(0.5)
+
+
+def step_level(args: argparse.Namespace, shards: Path) -> float:
+    """Real tokens/s of the engine's step alone (bench/train_bench.py's), median of rounds, on
+    the first batches the trainer's own loader makes of the same shards (same data config)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import torch
+    from train_bench import Esmdist, timed
+
+    from esmdist.data.stream import DataConfig, ShardSet, TrainLoader
+
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ours = Esmdist(args.model, device, dtype, args.tokens, args.compile)
+    data = DataConfig(path=str(shards), max_tokens=args.tokens, crop_length=args.crop,
+                      num_workers=0)  # fmt: skip
+    loader = iter(TrainLoader(ShardSet.open(str(shards), "train"), data,
+                              pin_memory=device.type == "cuda"))  # fmt: skip
+    batches = [next(loader) for _ in range(args.log_every)]
+    real = sum(b.num_tokens for b in batches) / len(batches)
+    timed(ours, batches, device)  # warm-up (and compilation)
+    return statistics.median(real / timed(ours, batches, device) for _ in range(args.rounds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="debug")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", choices=["fp32", "bf16"])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch and rank")
+    parser.add_argument("--crop", type=int, default=1024, help="data.crop_length")
+    parser.add_argument("--world", type=int, default=1, help="ranks (torchrun when > 1)")
+    parser.add_argument("--backend", default="ddp", help="parallel.backend when --world > 1")
+    parser.add_argument("--workers", type=int, default=0, help="data.num_workers")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each checkout")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compare", type=Path, help="another checkout of esmdist (the baseline)")
+    parser.add_argument("--step-level", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
+                        help="more config overrides, for both checkouts")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    trees = {"this": REPO, **({"baseline": args.compare.resolve()} if args.compare else {})}
+    windows: dict[str, list[dict]] = {name: [] for name in trees}
+    # Not a TemporaryDirectory: a killed run's last processes may still be going at its end.
+    scratch = Path(tempfile.mkdtemp(prefix="loop_bench-"))
+    try:
+        shards = shard(scratch)
+        for round_number in range(args.rounds):
+            for name, tree in trees.items():
+                found = run_loop(tree, args, shards, scratch / f"{name}-{round_number}")
+                print(f"  run {round_number + 1}, {name}: "
+                      f"{statistics.median(w['tokens_per_s'] for w in found):,.0f} tokens/s",
+                      flush=True)  # fmt: skip
+                windows[name] += found
+        if args.step_level and args.world == 1:
+            step_alone = step_level(args, shards)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {"model": args.model, "device": args.device, "world": args.world,
+              "tokens_per_rank": args.tokens, "steps": args.steps, "rounds": args.rounds}  # fmt: skip
+    print(f"{args.model} on {args.world} {args.device} rank(s), {args.tokens} tokens per rank "
+          f"and step, {args.rounds} run(s) of {args.steps} steps each (medians of the logged "
+          "windows after the first):")  # fmt: skip
+    for name, tree in trees.items():
+        result[name] = statistics.median(w["tokens_per_s"] for w in windows[name])
+        mfu = [w["mfu"] for w in windows[name] if "mfu" in w]
+        if mfu:
+            result[f"{name}_mfu"] = statistics.median(mfu)
+        shown = f", MFU {result[f'{name}_mfu']:.1%}" if mfu else ""
+        print(f"  trainer loop, {name} ({tree}): {result[name]:12,.0f} tokens/s{shown}")
+    if args.compare:
+        result["ratio"] = result["this"] / result["baseline"]
+        print(f"this vs baseline: {result['ratio']:.2f}x")
+    if args.step_level and args.world == 1:
+        result["step_level"] = step_alone
+        result["loop_vs_step"] = result["this"] / result["step_level"]
+        print(f"  step alone (bench/train_bench.py): {result['step_level']:12,.0f} tokens/s\n"
+              f"trainer loop vs step alone: {result['loop_vs_step']:.2f}x")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
