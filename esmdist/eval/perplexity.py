@@ -15,6 +15,7 @@ from esmdist import alphabet
 from esmdist.collectives import all_reduce_max, all_reduce_sum
 from esmdist.data.batch import PackedBatch
 from esmdist.eval.offload import compute_device
+from esmdist.eval.variants import pseudo_log_likelihood
 from esmdist.model import ESM
 
 
@@ -25,26 +26,11 @@ class SequencePerplexity:
     pseudo_perplexity: float
 
 
-@torch.no_grad()
 def pseudo_perplexity(model: ESM, sequence: str, max_tokens: int = 16384) -> float:
-    """exp(mean over residues i of −log p(x_i | x with position i masked)).
-
-    Each masked copy of the sequence is one row; rows are batched up to `max_tokens`.
-    """
-    tokens = torch.from_numpy(alphabet.encode(sequence)).to(compute_device(model))
-    length = len(sequence)
-    rows_per_batch = max(1, max_tokens // len(tokens))
-    total_nll = 0.0
-    for start in range(0, length, rows_per_batch):
-        positions = torch.arange(start, min(start + rows_per_batch, length), device=tokens.device)
-        batch = tokens.repeat(len(positions), 1)
-        rows = torch.arange(len(positions), device=tokens.device)
-        batch[rows, positions + 1] = alphabet.MASK
-        selected = torch.zeros_like(batch, dtype=torch.bool)
-        selected[rows, positions + 1] = True
-        logits = model(batch, output_mask=selected).logits.float()
-        total_nll += F.cross_entropy(logits, tokens[positions + 1], reduction="sum").item()
-    return math.exp(total_nll / length)
+    """exp(mean over residues i of −log p(x_i | x with position i masked)): each masked copy of
+    the sequence one row, rows batched up to `max_tokens` (esmdist.eval.variants'
+    pseudo-log-likelihood, which also windows ESM-1b's longer sequences)."""
+    return math.exp(-pseudo_log_likelihood(model, sequence, max_tokens) / len(sequence))
 
 
 def unigram_perplexity(train_sequences: Iterable[str], eval_sequences: Iterable[str]) -> float:

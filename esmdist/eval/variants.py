@@ -120,9 +120,10 @@ def position_log_probs(model, sequence: str, indices: list[int], masked: bool,
     return out
 
 
-def pseudo_log_likelihood(model, sequence: str) -> float:
+def pseudo_log_likelihood(model, sequence: str, max_tokens: int = 16384) -> float:
     """Σ_i log p(x_i | sequence masked at i)."""
-    logp = position_log_probs(model, sequence, list(range(len(sequence))), masked=True)
+    everywhere = list(range(len(sequence)))
+    logp = position_log_probs(model, sequence, everywhere, masked=True, max_tokens=max_tokens)
     return float(sum(logp[i][TOKEN_ID[r]] for i, r in enumerate(sequence)))
 
 
