@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from esmdist.metrics import block_params
 from esmdist.model import ModelConfig
@@ -218,6 +218,17 @@ def plan(setup: Setup) -> Plan:
     return Plan(setup, memory, compute, communication, exposed)
 
 
+def largest_micro_batch(setup: Setup, step: int = 1024) -> int:
+    """The most tokens per GPU and micro-batch (a multiple of `step`, at most one micro-batch
+    per optimizer step) with which `setup` still fits; 0 if none does. Larger micro-batches
+    mean fewer, fuller kernels per step. Searched from the top down, every size: memory is not
+    monotonic in it (FSDP2 keeps unsharded gradients only while it accumulates)."""
+    for units in range(max(1, setup.tokens_per_step // setup.gpus // step), 0, -1):
+        if plan(replace(setup, tokens_per_gpu=units * step)).fits:
+            return units * step
+    return 0
+
+
 def _gb(value: float) -> str:
     return f"{value / 1e9:8.2f} GB"
 
@@ -241,7 +252,8 @@ def describe(result: Plan, budget_tokens: float) -> str:
     lines += [f"  {name:<12} {_gb(value)}" for name, value in result.memory.items()]
     verdict = "fits" if result.fits else "does NOT fit"
     lines += [f"  {'total':<12} {_gb(result.total_bytes)}  → {verdict} in "
-              f"{setup.gpu_memory / 1e9:.0f} GB (with a 5% allocator margin)", ""]  # fmt: skip
+              f"{setup.gpu_memory / 1e9:.0f} GB (with a 5% allocator margin); the largest "
+              f"micro-batch that fits: {largest_micro_batch(setup):,} tokens per GPU", ""]  # fmt: skip
     steps = budget_tokens / (setup.accumulation * setup.tokens_per_gpu * setup.gpus)
     lines += [f"per step: compute {result.compute_s:.3f} s at {setup.mfu:.0%} MFU of "
               f"{setup.peak_tflops:.0f} TFLOP/s, communication {result.communication_s:.3f} s "

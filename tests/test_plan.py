@@ -5,6 +5,8 @@ communication volumes, and the command."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from esmdist.plan import (
     Setup,
     activation_bytes,
     communication_bytes,
+    largest_micro_batch,
     parse_bytes,
     plan,
     state_bytes,
@@ -105,6 +108,19 @@ def test_communication_volumes_and_scaling():
     found = plan(one)
     assert 0 < found.scaling_efficiency <= 1 and found.fits
     assert found.step_s == pytest.approx(found.compute_s + found.exposed_s)
+
+
+def test_the_largest_micro_batch_that_fits():
+    one = setup(gpus=1, backend="single")
+    largest = largest_micro_batch(one)
+    assert plan(replace(one, tokens_per_gpu=largest)).fits
+    assert not plan(replace(one, tokens_per_gpu=largest + 1024)).fits
+    assert 16384 < largest < 65536  # 650M on 80 GB without checkpointing: 16k fits, 64k not
+    # FSDP2 holds unsharded gradients only while it accumulates: at 64 GPUs, 15B with
+    # checkpointing fits with one micro-batch of 32k per step but not with two of 16k.
+    big = setup("esm2_15B", 64, activation_checkpointing=True)
+    assert not plan(big).fits and largest_micro_batch(big) == 32768
+    assert largest_micro_batch(setup("esm2_15B", 1, backend="single")) == 0
 
 
 def test_the_command(capsys):
