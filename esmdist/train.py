@@ -173,10 +173,11 @@ class StepResult:
         self.stop = stop
         """Whether any rank was asked to stop (agreed before the step began)."""
         device = values[0].device
-        on_device = torch.stack([v.to(device, torch.float64) for v in values])
-        self._host = on_device.to("cpu", non_blocking=True)
-        self._ready = torch.cuda.Event() if device.type == "cuda" else None
-        if self._ready is not None:
+        self._host, self._ready = torch.stack([v.to(device, torch.float64) for v in values]), None
+        if device.type == "cuda":  # into pinned memory: a copy that does not wait
+            on_device, self._host = self._host, torch.empty(3, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(on_device, non_blocking=True)
+            self._ready = torch.cuda.Event()
             self._ready.record()
 
     def read(self) -> tuple[float, float, bool]:
