@@ -166,12 +166,11 @@ class Run:
 class StepResult:
     """One step's loss, gradient norm and whether it was applied, copied from the device
     without waiting; `read()` waits for this step's work only, not for what was queued after
-    it, so the loop can read a step late and keep the device busy."""
+    it, so the loop can read a step late and keep the device busy. `stop`: whether any rank
+    was asked to stop (agreed before the step began)."""
 
     def __init__(self, step: int, values: list[torch.Tensor], stop: bool):
-        self.step = step
-        self.stop = stop
-        """Whether any rank was asked to stop (agreed before the step began)."""
+        self.step, self.stop = step, stop
         device = values[0].device
         self._host, self._ready = torch.stack([v.to(device, torch.float64) for v in values]), None
         if device.type == "cuda":  # into pinned memory: a copy that does not wait
@@ -327,8 +326,8 @@ def loop(run: Run, stop: StopRequest) -> dict:
 
 def train_step(run: Run, step: int, micro: list, stop: StopRequest) -> StepResult:
     """Forward and backward over the step's micro-batches, then the optimizer — or a step
-    dropped on every rank when the gradient norm (or, under an engine that applies in its
-    backward, any rank's loss) is not finite. Nothing here waits for the device."""
+    dropped on every rank when the gradient norm is not finite (under an engine that applies
+    in its backward, a non-finite loss ends the run). Nothing here waits for the device."""
     engine, info, progress = run.engine, run.info, run.progress
     # The one host-side collective of the step (gloo, also on GPUs): masked and real tokens
     # on all ranks, and whether any rank got a stop signal; needed before the first backward.
@@ -343,11 +342,12 @@ def train_step(run: Run, step: int, micro: list, stop: StopRequest) -> StepResul
         if index == 0:
             masked, tokens, stops = summed().tolist()
             progress.tokens_seen += int(tokens)
-        if engine.applies_in_backward and not _finite_on_every_rank(loss):
-            engine.skip()
-            return StepResult(step, [torch.tensor(math.nan)] * 2 + [torch.tensor(0.0)], stops > 0)
-        engine.backward(loss * (info.world_size / masked), last=index == len(micro) - 1)
         loss_sum += loss.detach().double()
+        last = index == len(micro) - 1
+        if engine.applies_in_backward and last and not _finite_on_every_rank(loss_sum):
+            raise BadStepsError(f"step {step}: non-finite loss under {run.config.parallel.backend}, "
+                                "which cannot drop a step; resume from the last checkpoint")  # fmt: skip
+        engine.backward(loss * (info.world_size / masked), last=last)
         progress.window_tokens += batch.num_tokens
         progress.window_flops += flops
     grad_norm, applied = engine.step()
@@ -366,7 +366,8 @@ def masked_lm_loss(engine: Engine, batch: PackedBatch, device: torch.device) -> 
 
 
 def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """Agreed across ranks before any rank runs a backward that would hang the others."""
+    """Agreed across ranks before the last backward, where an engine that updates inside it
+    would apply a non-finite step (checked once per step: on the sum of its losses)."""
     return not all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item()
 
 
@@ -407,8 +408,8 @@ def _metrics(run: Run, step: int, loss: float, grad_norm: float) -> dict:
     now = time.perf_counter()
     elapsed = now - progress.window_start
     step_time = elapsed / max(progress.window_steps, 1)
-    tokens = all_reduce_sum(torch.tensor([float(progress.window_tokens)])).item()
-    flops = all_reduce_sum(torch.tensor([progress.window_flops])).item()
+    window = torch.tensor([progress.window_tokens, progress.window_flops], dtype=torch.float64)
+    tokens, flops = all_reduce_sum(window).tolist()
     record = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),

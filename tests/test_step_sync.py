@@ -1,7 +1,8 @@
 """The training step without device→host reads (issue 16): the forward reads nothing back from
 the device when it is handed the batch's host lengths and masked positions, and a non-finite
 step is dropped on the device — on every rank, with the optimizer untouched — while the loop
-reads each step's outcome a step late."""
+reads each step's outcome a step late; under DeepSpeed, a non-finite loss stops every rank
+before the update."""
 
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ def test_a_non_finite_loss_on_one_rank_drops_that_step_on_every_rank(shards, tmp
     # Step 3 was read a step late (steps 5, 10 and 12 are logged); so were its neighbours.
     log = (tmp_path / "out/metrics.jsonl").read_text()
     assert [json.loads(line)["skipped_steps"] for line in log.splitlines()] == [1, 1, 1]
+
+
+def run_deepspeed_with_one_bad_loss(rank: int, args: list[str]) -> str:
+    try:
+        run_with_one_bad_loss(rank, args)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_under_deepspeed_a_non_finite_loss_stops_every_rank_before_the_update(shards, tmp_path):
+    """DeepSpeed applies its optimizer inside the step's last backward, so the step's losses
+    are agreed on before it (once per step, over their sum): both ranks stop at step 3 with
+    the message, none hangs, and the last checkpoint is the one to resume from."""
+    args = overrides(shards, tmp_path / "out", **{"parallel.backend": "deepspeed",
+                                                   "parallel.zero_stage": 1,
+                                                   "train.max_steps": STEPS,
+                                                   "train.valid_every": 0})  # fmt: skip
+    errors = run_ranks(run_deepspeed_with_one_bad_loss, 2, tmp_path, args)
+    assert all("step 3: non-finite loss under deepspeed" in e for e in errors), errors

@@ -74,7 +74,8 @@ class Engine:
 
     applies_in_backward = False
     """Whether the optimizer runs inside the step's last backward (DeepSpeed): a non-finite loss
-    must then be caught before that backward, by every rank alike, and `skip()` called."""
+    must then be caught before that backward, by every rank alike, and the run stopped: the
+    update cannot be dropped."""
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip and apply the accumulated gradients: (gradient norm, applied), 0-dim tensors. A
