@@ -61,8 +61,8 @@ if [[ $sections == *" loop "* ]]; then
         --json "$OUT/loop_650M.json"
     step loop_650M_compiled "${loop[@]}" --model esm2_650M --steps 40 --compile \
         --json "$OUT/loop_650M_compiled.json"
-    step loop_3B "${loop[@]}" --model esm2_3B --steps 30 \
-        --set=--train.activation_checkpointing=true --json "$OUT/loop_3B.json"
+    step loop_3B "${loop[@]}" --model esm2_3B --steps 30 --activation-checkpointing \
+        --json "$OUT/loop_3B.json"
 fi
 if [[ $sections != *" e2e "* ]]; then exit $status; fi
 

@@ -9,13 +9,14 @@ device, logging).
 
 The bundled proteins (data/demo_4k.fasta) are sharded once; each run trains `--steps` steps from
 scratch with configs/debug-cpu.toml's data settings, the named model, `--tokens` tokens per
-micro-batch and rank (one micro-batch per step), ESM-2's peak learning rate, no validation and
-no checkpoint (the run is stopped once its last step is logged). Its tokens/s is the median of
-the logged windows after the first (warm-up, compilation). Checkouts alternate, `--rounds` runs
-each; the ratio is of the medians. `--step-level` adds bench/train_bench.py's timing of the
-engine's step alone (same model, dtype and tokens per step) on the first batches the trainer's
-loader makes of the same shards, already in host memory, in this process after the runs
-(one process only: `--world 1`).
+micro-batch and rank (one micro-batch per step), ESM-2's peak learning rate (warm-up over the
+first quarter of the steps), no validation and no checkpoint (the run is stopped once its last
+step is logged). Its tokens/s is the median of the logged windows after the first (warm-up,
+compilation). Checkouts alternate, `--rounds` runs each; the ratio is of the medians.
+`--step-level` adds bench/train_bench.py's timing of the engine's step alone (same model, dtype,
+tokens per step, compile and activation checkpointing) on the first batches the trainer's
+loader makes of the same shards, already in host memory, in this process after the runs (one
+process only: `--world 1`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> l
         f"--train.tokens_per_step={args.tokens * args.world}", f"--train.max_steps={args.steps}",
         f"--train.log_every={args.log_every}", "--train.valid_every=0", "--checkpoint.every=0",
         f"--train.output_dir={out}", f"--parallel.backend={backend}", f"--train.dtype={dtype}",
-        f"--train.compile={str(args.compile).lower()}", "--optim.lr=4e-4", *args.set,
+        f"--train.compile={str(args.compile).lower()}", "--optim.lr=4e-4",
+        f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"--optim.warmup_steps={max(1, args.steps // 4)}", *args.set,
     ]  # fmt: skip
     launcher = [sys.executable, str(tree / "launcher/pretrain.py")]
     if args.world > 1:
@@ -101,7 +104,8 @@ def step_level(args: argparse.Namespace, shards: Path) -> float:
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ours = Esmdist(args.model, device, dtype, args.tokens, args.compile)
+    ours = Esmdist(args.model, device, dtype, args.tokens, args.compile,
+                   args.activation_checkpointing)  # fmt: skip
     data = DataConfig(path=str(shards), max_tokens=args.tokens, crop_length=args.crop,
                       num_workers=0)  # fmt: skip
     loader = iter(TrainLoader(ShardSet.open(str(shards), "train"), data,
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each checkout")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compare", type=Path, help="another checkout of esmdist (the baseline)")
     parser.add_argument("--step-level", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
