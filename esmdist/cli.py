@@ -306,7 +306,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     def setup(gpus: int) -> Setup:
         return Setup(model_config(args.model), gpus, parse_bytes(args.gpu_memory), args.backend,
-                     args.zero, args.activation_checkpointing, args.tokens_per_gpu,
+                     args.zero, args.activation_checkpointing, args.recompute_every,
+                     args.tokens_per_gpu,
                      args.tokens_per_step, args.dtype, args.mfu, args.peak_tflops)  # fmt: skip
 
     print(describe(plan(setup(args.gpus)), args.budget_tokens))
@@ -338,6 +339,8 @@ def _add_plan(sub) -> None:
     plan.add_argument("--backend", default="fsdp", choices=BACKENDS)
     plan.add_argument("--zero", type=int, default=3, choices=[1, 2, 3], help="DeepSpeed stage")
     plan.add_argument("--activation-checkpointing", action="store_true")
+    plan.add_argument("--recompute-every", type=int, default=1, metavar="N",
+                      help="with checkpointing: every N-th block recomputed (default: all)")  # fmt: skip
     plan.add_argument("--tokens-per-gpu", type=int, default=16384, help="micro-batch tokens")
     plan.add_argument("--tokens-per-step", type=int, default=2_097_152,
                       help="global tokens per optimizer step (default: ESM-2's 2M)")  # fmt: skip

@@ -89,13 +89,17 @@ class TrainConfig:
     """NaN/Inf loss or gradient: the step is skipped and counted; this many in a row abort."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
+    recompute_every: int = 1
+    """With activation_checkpointing: recompute every n-th block's activations in backward (1:
+    all; 2: every other — about half the memory of no recomputation, half the extra compute
+    of recomputing all)."""
     compile: bool = False
     output_dir: str = "out/run"
     """Local directory for metrics.jsonl, the resolved config and wandb's offline files."""
 
     def __post_init__(self) -> None:
         for key, low in (("max_steps", 1), ("tokens_per_step", 1), ("seed", 0), ("log_every", 1),
-                         ("valid_every", 0), ("max_bad_steps", 1)):  # fmt: skip
+                         ("valid_every", 0), ("max_bad_steps", 1), ("recompute_every", 1)):  # fmt: skip
             check_range("train", key, getattr(self, key), low)
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")

@@ -72,6 +72,8 @@ class Setup:
     backend: str = "fsdp"
     zero_stage: int = 3
     activation_checkpointing: bool = False
+    recompute_every: int = 1
+    """With checkpointing: every n-th block recomputed (train.recompute_every)."""
     tokens_per_gpu: int = 16384
     """Tokens per micro-batch on one GPU."""
     tokens_per_step: int = 2_097_152
@@ -86,7 +88,7 @@ class Setup:
             raise ValueError("--backend single runs on one GPU: --gpus 1")
         if self.zero_stage not in (1, 2, 3):
             raise ValueError("--zero must be 1, 2 or 3")
-        for name in ("gpus", "tokens_per_gpu", "tokens_per_step"):
+        for name in ("gpus", "recompute_every", "tokens_per_gpu", "tokens_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.mfu <= 1:
@@ -143,10 +145,12 @@ def activation_bytes(setup: Setup) -> dict[str, float]:
     config, tokens = setup.model, setup.tokens_per_gpu
     per_value = 4.0 if setup.dtype == "fp32" else BF16_BYTES_PER_VALUE
     per_block = ACTIVATION_VALUES * config.embed_dim * tokens * per_value
-    kept_per_block = (config.embed_dim * tokens * per_value if setup.activation_checkpointing
-                      else per_block)  # fmt: skip
+    layers = config.num_layers
+    # A recomputed block keeps only its input; `[::n]` recomputes ⌈L/n⌉ of the L blocks.
+    recomputed = -(-layers // setup.recompute_every) if setup.activation_checkpointing else 0
+    kept = recomputed * config.embed_dim * tokens * per_value + (layers - recomputed) * per_block
     head = 0.15 * tokens * (3 * config.embed_dim + 2 * config.vocab_size) * 4.0
-    saved = config.num_layers * kept_per_block + OUTSIDE_VALUES * config.embed_dim * tokens * 4
+    saved = kept + OUTSIDE_VALUES * config.embed_dim * tokens * 4
     return {"activations": saved + head, "transient": per_block}
 
 
@@ -229,6 +233,12 @@ def largest_micro_batch(setup: Setup, step: int = 1024) -> int:
     return 0
 
 
+def _recompute(setup: Setup) -> str:
+    if not setup.activation_checkpointing:
+        return "off"
+    return "on" if setup.recompute_every == 1 else f"on every {setup.recompute_every} blocks"
+
+
 def _gb(value: float) -> str:
     return f"{value / 1e9:8.2f} GB"
 
@@ -245,7 +255,7 @@ def describe(result: Plan, budget_tokens: float) -> str:
     lines = [f"{model.arch} {model.num_layers} layers × {model.embed_dim} "
              f"({model.num_params() / 1e9:.2f} B parameters) on {setup.gpus} GPU(s) of "
              f"{setup.gpu_memory / 1e9:.0f} GB, {engine}, {setup.dtype}, activation "
-             f"checkpointing {'on' if setup.activation_checkpointing else 'off'}",
+             f"checkpointing {_recompute(setup)}",
              f"micro-batch {setup.tokens_per_gpu:,} tokens per GPU × {setup.accumulation} "
              f"accumulation × {setup.gpus} GPUs = {setup.accumulation * setup.tokens_per_gpu * setup.gpus:,} "
              "tokens per step", "", "memory per GPU:"]  # fmt: skip

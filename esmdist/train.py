@@ -88,7 +88,7 @@ def engine_for(config: JobConfig, info: DistInfo, weights: dict | None = None) -
     on_meta = parallel.backend == "fsdp" and parallel.meta_init
     model = training_model(
         config.model.build(), train.seed, info.device, on_meta=on_meta,
-        activation_checkpointing=train.activation_checkpointing,
+        recompute_every=train.recompute_every if train.activation_checkpointing else 0,
         compile=train.compile and parallel.backend != "deepspeed",
     )  # fmt: skip
     if weights is not None and not on_meta:

@@ -10,10 +10,11 @@ from torch.utils.checkpoint import checkpoint
 from esmdist.model import ESM, ModelConfig
 
 
-def _enable_activation_checkpointing(model: ESM) -> None:
-    """Recompute each block's activations in backward. The forward is wrapped in place so that
+def _enable_activation_checkpointing(model: ESM, every: int) -> None:
+    """Recompute the activations of every `every`-th block (the first, then each `every`-th
+    after it) in backward; the others keep theirs. The forward is wrapped in place so that
     parameter names (and so checkpoints) do not change."""
-    for layer in model.layers:
+    for layer in model.layers[::every]:
         inner = layer.forward
 
         def forward(*args, _inner=inner, **kwargs):
@@ -23,9 +24,10 @@ def _enable_activation_checkpointing(model: ESM) -> None:
 
 
 def training_model(config: ModelConfig, seed: int, device: torch.device, *, on_meta: bool = False,
-                   activation_checkpointing: bool = False, compile: bool = False) -> ESM:  # fmt: skip
+                   recompute_every: int = 0, compile: bool = False) -> ESM:  # fmt: skip
     """The ESM to train: initialised from `seed` on `device`, or (`on_meta`) left on the meta
-    device for the engine to materialise shard by shard."""
+    device for the engine to materialise shard by shard; `recompute_every` n: the activations
+    of every n-th block recomputed in backward (0: none)."""
     if on_meta:
         with torch.device("meta"):
             model = ESM(config)
@@ -37,8 +39,8 @@ def training_model(config: ModelConfig, seed: int, device: torch.device, *, on_m
     model.contact_head.requires_grad_(False)
     if not on_meta:
         model = model.to(device)
-    if activation_checkpointing:
-        _enable_activation_checkpointing(model)
+    if recompute_every:
+        _enable_activation_checkpointing(model, recompute_every)
     if compile:
         for layer in model.layers:
             layer.compile()
