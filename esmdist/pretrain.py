@@ -12,7 +12,7 @@ from esmdist.signals import install_early
 
 install_early()
 
-from esmdist.train import main  # noqa: E402
+from esmdist.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

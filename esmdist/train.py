@@ -10,24 +10,21 @@ fell into micro-batches.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, step_name
 from esmdist.collectives import all_reduce_sum, all_reduce_sum_started, barrier, gather_objects
-from esmdist.config import JobConfig, config_keys, load_config
+from esmdist.config import JobConfig
 from esmdist.data.batch import PackedBatch
 from esmdist.data.stream import (
     DataError,
@@ -45,16 +42,9 @@ from esmdist.optim import build_optimizer, set_schedule_step
 from esmdist.parallel import DistInfo, Engine, EngineSettings, build_engine, init_distributed
 from esmdist.parallel.engine import load_full_weights
 from esmdist.parallel.prepare import training_model
-from esmdist.preflight import quick_problems, storage_problems, world_size_from_environment
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import PREEMPTED_MARKER
-from esmdist.storage import StorageError
 from esmdist.train_state import TrainState, resumable, rng_state, set_rng_state
-
-# Exit status after a SIGUSR1/SIGTERM/SIGINT stop with a saved checkpoint (EX_TEMPFAIL): the
-# Slurm job script reads the file PREEMPTED_MARKER in train.output_dir as well (esmdist.status),
-# since srun reports whichever rank's status it sees first.
-PREEMPTED_EXIT = 75
 
 
 class BadStepsError(RuntimeError):
@@ -63,21 +53,6 @@ class BadStepsError(RuntimeError):
 
 class Preempted(Exception):
     """Stopped by a signal after saving a checkpoint."""
-
-
-def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description="Pretrain an ESM model. Override any config key with --section.key=value.",
-        epilog="Example: launcher/pretrain.py --config configs/debug-cpu.toml "
-        "--train.max_steps=50 --parallel.backend=fsdp\n\nConfig keys and their defaults:\n  "
-        + "\n  ".join(config_keys()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="TOML run config (configs/*.toml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; LOCAL_RANK is used")  # fmt: skip
-    args, rest = parser.parse_known_args(argv)
-    return load_config(args.config, rest), args
 
 
 def engine_for(config: JobConfig, info: DistInfo, weights: dict | None = None) -> Engine:
@@ -466,35 +441,3 @@ def export_final(run: Run) -> None:
     if run.info.is_main:
         out = write_final_export(final, run.model_config, Path(run.config.train.output_dir))
         print(f"final model: {out} (Hugging Face EsmForMaskedLM directory)", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    # Object storage: ride out short outages with botocore's own retries (checkpoint writes
-    # also retry at the file level, see esmdist.storage).
-    os.environ.setdefault("AWS_RETRY_MODE", "standard")
-    os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
-    try:
-        config, _ = parse_args(argv)
-        # Before any process group or DeepSpeed op build (minutes): `esmdist check`'s checks,
-        # those that touch storage on the first rank only (its failure ends the others: every
-        # launcher stops a job's ranks when one exits with an error).
-        found = quick_problems(config, world_size_from_environment())
-        if not found and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-            found = storage_problems(config)
-        if found:
-            raise ValueError("; ".join(found))
-        train(config)
-    except Preempted as exc:
-        print(f"pretrain: {exc}; exiting with {PREEMPTED_EXIT} for requeue", flush=True)
-        return PREEMPTED_EXIT
-    except (ValueError, FileNotFoundError, DataError, BadStepsError, StorageError) as exc:
-        print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("pretrain: aborted by a second Ctrl-C (no checkpoint saved)", file=sys.stderr,
-              flush=True)  # fmt: skip
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

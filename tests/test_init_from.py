@@ -118,7 +118,7 @@ def test_init_from_object_storage(shards, published, tmp_path, s3_env):
 
 
 def test_another_architecture_is_refused_naming_the_fields(shards, published, tmp_path, capsys):
-    from esmdist.train import main
+    from esmdist.launch import main
 
     argv = ["--config", str(REPO / "configs/debug-cpu.toml")]
     for key, value in {"data.path": shards, "train.output_dir": tmp_path, "model.size": "esm2_8M",
