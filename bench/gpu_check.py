@@ -56,6 +56,17 @@ def batch_of(sequences: list[np.ndarray], seed: int = 0):
     return pack(sequences, MaskingConfig(), np.random.default_rng(seed).random((3, total)))
 
 
+def batch_up_to(tokens: int, seed: int):
+    """One packed batch of the bundled sequences (drawn by `seed`) up to `tokens` tokens."""
+    sequences, total = [], 0
+    for sequence in real_sequences(4000, seed=seed):
+        if total + len(sequence) > tokens:
+            break
+        sequences.append(sequence)
+        total += len(sequence)
+    return batch_of(sequences)
+
+
 class VarlenCalls:
     """Counts calls of the varlen kernel, to prove the packed bf16 path used it."""
 
@@ -155,12 +166,7 @@ def step_without_syncs() -> bool:
     run = SimpleNamespace(engine=engine_for(config, info), info=info, progress=Progress(),
                           model_config=config.model.build())  # fmt: skip
     stop = SimpleNamespace(requested=None)
-    sequences, total = [], 0
-    for sequence in real_sequences(64, seed=2):
-        if total + len(sequence) <= 8192:
-            sequences.append(sequence)
-            total += len(sequence)
-    batch = batch_of(sequences).pin_memory()
+    batch = batch_up_to(8192, seed=2).pin_memory()
     warm = [train_step(run, step, [batch], stop).read() for step in (1, 2)]
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -209,14 +215,7 @@ def throughput(sizes: list[str], tokens: int, steps: int) -> list[dict]:
     from esmdist.train import engine_for
 
     cuda = torch.device("cuda")
-    pool = real_sequences(4000, seed=1)
-    sequences, total = [], 0
-    for seq in pool:
-        if total + len(seq) > tokens:
-            break
-        sequences.append(seq)
-        total += len(seq)
-    batch = batch_of(sequences)
+    batch = batch_up_to(tokens, seed=1)
     padded, padded_selected = batch.to_padded()
     rows = []
     for size in sizes:

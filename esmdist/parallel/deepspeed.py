@@ -73,8 +73,8 @@ class DeepSpeedEngine(Engine):
 
     def skip(self) -> None:
         raise RuntimeError(
-            "non-finite loss under DeepSpeed: it cannot drop an accumulated step, so the run "
-            "stops here; resume from the last checkpoint (lower optim.lr if it repeats)"
+            "DeepSpeed cannot drop accumulated gradients: its optimizer runs inside the last "
+            "backward (the loop checks the step's losses before it instead)"
         )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
