@@ -213,16 +213,21 @@ def memory_table(size: str, device: torch.device, dtype: str, tokens: int,
     return rows
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every alternating A/B bench here (this one and overlap_bench)."""
+    parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="esmdist's train.compile")
+    parser.add_argument("--json", type=Path, help="also write the result here (rank 0)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="esm2_8M", choices=list(MODEL_SIZES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=4096, help="real tokens per step")
-    parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true", help="esmdist's train.compile")
-    parser.add_argument("--json", type=Path, help="also write the result here")
+    add_timing_arguments(parser)
     parser.add_argument("--memory", action="store_true", help="peak memory vs crop length")
     parser.add_argument("--memory-at", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--activation-checkpointing", action="store_true")

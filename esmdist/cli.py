@@ -307,8 +307,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     def setup(gpus: int) -> Setup:
         return Setup(model_config(args.model), gpus, parse_bytes(args.gpu_memory), args.backend,
                      args.zero, args.activation_checkpointing, args.recompute_every,
-                     args.tokens_per_gpu,
-                     args.tokens_per_step, args.dtype, args.mfu, args.peak_tflops)  # fmt: skip
+                     args.tokens_per_gpu, args.tokens_per_step, args.dtype, args.mfu,
+                     args.peak_tflops, prefetch_blocks=args.prefetch_blocks,
+                     overlap_comm=not args.no_overlap_comm,
+                     bucket_elements=args.bucket_elements)  # fmt: skip
 
     print(describe(plan(setup(args.gpus)), args.budget_tokens))
     if args.scaling:
@@ -341,6 +343,12 @@ def _add_plan(sub) -> None:
     plan.add_argument("--activation-checkpointing", action="store_true")
     plan.add_argument("--recompute-every", type=int, default=1, metavar="N",
                       help="with checkpointing: every N-th block recomputed (default: all)")  # fmt: skip
+    plan.add_argument("--prefetch-blocks", type=int, default=1, metavar="N",
+                      help="FSDP: blocks all-gathered ahead (default: %(default)s)")  # fmt: skip
+    plan.add_argument("--no-overlap-comm", action="store_true",
+                      help="DeepSpeed: without ZeRO's overlap_comm (one reduction buffer)")  # fmt: skip
+    plan.add_argument("--bucket-elements", type=int, default=200_000_000,
+                      help="DeepSpeed: elements per reduction bucket (default: %(default)s)")  # fmt: skip
     plan.add_argument("--tokens-per-gpu", type=int, default=16384, help="micro-batch tokens")
     plan.add_argument("--tokens-per-step", type=int, default=2_097_152,
                       help="global tokens per optimizer step (default: ESM-2's 2M)")  # fmt: skip

@@ -5,12 +5,15 @@ Memory per GPU (bytes; P parameters, N GPUs, T tokens per micro-batch, L layers,
 
 - states — DDP / single: fp32 parameters 4P, fp32 gradients 4P, AdamW's two moments 8P, and
   DDP's gradient buckets 4P (N > 1); FSDP2 (bf16 compute): 16P / N, plus the all-gathered bf16
-  parameters of two blocks (the current one and the prefetched next) and one block's fp32
-  gradients before its reduce-scatter; with gradient accumulation FSDP2 keeps the unsharded
-  fp32 gradients of every block between micro-batches (+4P). DeepSpeed (ZeRO's paper: bf16
-  parameters 2P, bf16 gradients 2P, fp32 master + moments 12P): stage 1 shards the 12P, stage 2
-  also the gradients, stage 3 everything; plus its communication buckets at their defaults
-  (stage 1/2: reduce + all-gather buckets of 5e8 elements; stage 3: up to 1e9 live parameters).
+  parameters of 1 + prefetch blocks (the current one and those prefetched ahead of it;
+  parallel.prefetch_blocks) and one block's fp32 gradients before its reduce-scatter; with
+  gradient accumulation FSDP2 keeps the unsharded fp32 gradients of every block between
+  micro-batches (+4P). DeepSpeed (ZeRO's paper: bf16 parameters 2P, bf16 gradients 2P, fp32
+  master + moments 12P): stage 1 shards the 12P, stage 2 also the gradients, stage 3
+  everything; plus its buffers as DeepSpeed's source allocates them: stage 1/2 gradient
+  reduction buffers of parallel.bucket_elements each (at most P: esmdist caps them), two with
+  overlap_comm (double buffering), at most 4 bytes an element (fp32 accumulation); stage 3 one reduction bucket in
+  bf16 and up to 1e9 live gathered parameters.
 - activations — what autograd saves for backward, measured (bench/train_bench.py --memory,
   exact storage sizes): `ACTIVATION_VALUES` = 17 values per layer per token per unit of width
   plus 1.5 outside the blocks (embeddings, final LayerNorm), at 4 bytes in fp32 (within 1% on
@@ -30,7 +33,8 @@ the last reduction). Assumptions are printed with every plan.
 Communication per optimizer step per GPU, ring collectives ((N-1)/N of the volume each way):
 DDP all-reduce of fp32 gradients 2·4P; ZeRO-1/2 reduce-scatter of bf16 gradients 2P (stage 2:
 every micro-batch) + all-gather of bf16 parameters 2P; ZeRO-3 / FSDP2 all-gather of bf16
-parameters in forward and in backward (2P + 2P every micro-batch) + reduce-scatter of gradients
+parameters in forward and in backward (2P + 2P every micro-batch; FSDP2 keeps its last block
+gathered from forward to backward: 2(P − block) in backward) + reduce-scatter of gradients
 (FSDP2 in fp32: 4P; ZeRO-3 bf16: 2P).
 """
 
@@ -80,6 +84,12 @@ class Setup:
     dtype: str = "bf16"
     mfu: float = MEASURED_MFU
     peak_tflops: float = 989.0
+    prefetch_blocks: int = 1
+    """FSDP2: blocks all-gathered ahead (parallel.prefetch_blocks)."""
+    overlap_comm: bool = True
+    """DeepSpeed: ZeRO's overlap_comm (parallel.overlap_comm)."""
+    bucket_elements: int = 200_000_000
+    """DeepSpeed: elements per reduction bucket (parallel.bucket_elements)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -88,7 +98,10 @@ class Setup:
             raise ValueError("--backend single runs on one GPU: --gpus 1")
         if self.zero_stage not in (1, 2, 3):
             raise ValueError("--zero must be 1, 2 or 3")
-        for name in ("gpus", "recompute_every", "tokens_per_gpu", "tokens_per_step"):
+        if self.prefetch_blocks < 0:
+            raise ValueError("--prefetch-blocks must be at least 0")
+        for name in ("gpus", "recompute_every", "tokens_per_gpu", "tokens_per_step",
+                     "bucket_elements"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.mfu <= 1:
@@ -132,9 +145,13 @@ def state_bytes(setup: Setup) -> dict[str, float]:
     if setup.backend == "fsdp":
         accumulated = 4.0 * p if setup.accumulation > 1 else 0.0
         return {"parameters": 4.0 * p / n, "gradients": 4.0 * p / n + accumulated,
-                "optimizer": 8.0 * p / n, "buffers": 2 * 2.0 * block + 4.0 * block}  # fmt: skip
-    stage = setup.zero_stage
-    buffers = 2 * 2.0 * min(5e8, p) if stage < 3 else 2.0 * min(1e9, p)
+                "optimizer": 8.0 * p / n,
+                "buffers": (1 + setup.prefetch_blocks) * 2.0 * block + 4.0 * block}  # fmt: skip
+    stage, bucket = setup.zero_stage, min(setup.bucket_elements, p)
+    if stage < 3:
+        buffers = (2 if setup.overlap_comm else 1) * 4.0 * bucket
+    else:
+        buffers = 2.0 * bucket + 2.0 * min(1e9, p)
     return {"parameters": 2.0 * p / (n if stage == 3 else 1),
             "gradients": 2.0 * p / (n if stage >= 2 else 1),
             "optimizer": 12.0 * p / n, "buffers": buffers}  # fmt: skip
@@ -173,8 +190,9 @@ def communication_bytes(setup: Setup) -> float:
     if kind in ("zero1", "zero2"):
         reduce = 2.0 * p * (k if kind == "zero2" else 1)
         return ring * (reduce + 2.0 * p)
-    reduce = 4.0 * p if setup.backend == "fsdp" else 2.0 * p
-    return ring * (k * (2.0 * p + 2.0 * p) + reduce)
+    if setup.backend == "fsdp":
+        return ring * (k * (2.0 * p + 2.0 * (p - _block(setup))) + 4.0 * p)
+    return ring * (k * (2.0 * p + 2.0 * p) + 2.0 * p)
 
 
 def bandwidth(gpus: int) -> float:

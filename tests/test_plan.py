@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from esmdist.cli import main
 from esmdist.data.batch import MaskingConfig, crop, pack, with_specials
+from esmdist.metrics import block_params
 from esmdist.model import model_config
 from esmdist.plan import (
     Setup,
@@ -56,6 +57,23 @@ def test_states_split_as_zero_says():
     found = state_bytes(one_micro)
     assert found["parameters"] + found["gradients"] + found["optimizer"] == 16 * p / 128
     assert state_bytes(setup("esm2_3B", 8))["gradients"] == 4 * p / 8 + 4 * p
+
+
+def test_buffers_follow_prefetch_and_overlap():
+    """FSDP2 holds one more gathered bf16 block per block prefetched; ZeRO-1/2 one more
+    reduction bucket with overlap_comm (DeepSpeed's double buffering)."""
+    block = block_params(model_config("esm2_3B")) // 36
+
+    def buffers(**extra) -> float:
+        return state_bytes(setup("esm2_3B", 8, **extra))["buffers"]
+
+    assert buffers(prefetch_blocks=0) == 2 * block + 4 * block
+    assert buffers(prefetch_blocks=2) - buffers(prefetch_blocks=1) == 2 * block
+    for stage in (1, 2):
+        zero = {"backend": "deepspeed", "zero_stage": stage, "bucket_elements": 10**8}
+        assert buffers(**zero) == 2 * buffers(**zero, overlap_comm=False) == 2 * 4 * 10**8
+    with pytest.raises(ValueError, match="--prefetch-blocks"):
+        setup(prefetch_blocks=-1)
 
 
 def real_batch(tokens: int):
@@ -103,8 +121,11 @@ def test_communication_volumes_and_scaling():
     p = model_config("esm2_650M").num_params()
     assert communication_bytes(setup(gpus=1)) == 0
     assert communication_bytes(setup(gpus=2, backend="ddp")) == pytest.approx(4 * p)
-    one = setup(gpus=128, tokens_per_gpu=16384)  # FSDP2, 1 micro-batch: 2P + 2P + 4P fp32
-    assert communication_bytes(one) == pytest.approx(127 / 128 * 8 * p)
+    # FSDP2, 1 micro-batch: 2P forward + 2(P - block) backward (the last block stays gathered)
+    # + 4P fp32 reduce-scatter.
+    one = setup(gpus=128, tokens_per_gpu=16384)
+    block = block_params(model_config("esm2_650M")) // 33
+    assert communication_bytes(one) == pytest.approx(127 / 128 * (8 * p - 2 * block))
     found = plan(one)
     assert 0 < found.scaling_efficiency <= 1 and found.fits
     assert found.step_s == pytest.approx(found.compute_s + found.exposed_s)

@@ -20,8 +20,21 @@ class ParallelConfig:
     fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
+    prefetch_blocks: int = 1
+    """FSDP: all-gather the parameters of this many blocks ahead of the one computing, in
+    forward and in backward, issued before that block's kernels (explicit prefetch: the
+    transfer overlaps compute even when the host issues kernels no faster than the GPU runs
+    them); 0: torch's implicit order. Each costs one block's bf16 parameters of memory."""
+    overlap_comm: bool = True
+    """DeepSpeed: reduce gradient buckets on a side stream while backward runs (ZeRO's
+    overlap_comm; DeepSpeed's own default only at stage 3). Costs bucket buffers (plan)."""
+    bucket_elements: int = 200_000_000
+    """DeepSpeed: elements per gradient-reduction and parameter all-gather bucket (capped at
+    the model's parameters: DeepSpeed allocates its buckets whole)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         check_range("parallel", "peak_tflops", self.peak_tflops, 0.0)
+        check_range("parallel", "prefetch_blocks", self.prefetch_blocks, 0)
+        check_range("parallel", "bucket_elements", self.bucket_elements, 1)

@@ -34,7 +34,17 @@ class DeepSpeedEngine(Engine):
         self.module = model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = make_optimizer(params)
-        zero: dict = {"stage": parallel.zero_stage}
+        # DeepSpeed allocates its reduction buckets whole (two with overlap_comm): none larger
+        # than the model; and it wants them a multiple of its NCCL alignment (2 elements).
+        bucket = min(parallel.bucket_elements, sum(p.numel() for p in params))
+        bucket = -(-bucket // 8) * 8
+        zero: dict = {
+            "stage": parallel.zero_stage,
+            "overlap_comm": parallel.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        }
         if parallel.cpu_offload:
             zero["offload_optimizer"] = {"device": "cpu"}
         ds_config = {

@@ -136,11 +136,13 @@ def _plain_state(model: ESM) -> Callable[[], dict[str, torch.Tensor]]:
     return lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def wrap_single(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
+def wrap_single(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
+                info: DistInfo) -> Wrapped:  # fmt: skip
     return Wrapped(model, lambda last: contextlib.nullcontext(), False, _plain_state(model))
 
 
-def wrap_ddp(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
+def wrap_ddp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
+             info: DistInfo) -> Wrapped:  # fmt: skip
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
@@ -152,16 +154,31 @@ def wrap_ddp(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
     return Wrapped(ddp, sync, False, _plain_state(model))
 
 
-def wrap_fsdp(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
+def _set_prefetch(layers: list, ahead: int) -> None:
+    """Explicit prefetch: a block's pre-forward starts the all-gathers of the `ahead` blocks
+    after it, its pre-backward those of the `ahead` blocks before it (the order backward
+    reaches them). The layer order is static, which explicit prefetch requires."""
+    for index, layer in enumerate(layers):
+        layer.set_modules_to_forward_prefetch(layers[index + 1 : index + 1 + ahead])
+        layer.set_modules_to_backward_prefetch(layers[max(0, index - ahead) : index][::-1])
+
+
+def wrap_fsdp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
+              info: DistInfo) -> Wrapped:  # fmt: skip
     """FSDP2: `fully_shard` per block, then the root. A model still on the meta device is
     materialised here, each rank initialising its own shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[settings.dtype], reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=policy)
+    layers = list(model.layers)
+    for index, layer in enumerate(layers):
+        # The last block stays gathered after its forward: backward begins with it, and
+        # resharding it would only gather it again at once.
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
     fully_shard(model, mp_policy=policy)
+    if parallel.prefetch_blocks:
+        _set_prefetch(layers, parallel.prefetch_blocks)
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=info.device)
         torch.manual_seed(settings.seed + info.rank)
@@ -261,5 +278,5 @@ def build_engine(model: ESM, parallel: ParallelConfig, info: DistInfo, settings:
         from esmdist.parallel.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, parallel, info, settings, make_optimizer)
-    wrapped = WRAPS[parallel.backend](model, settings, info)
+    wrapped = WRAPS[parallel.backend](model, parallel, settings, info)
     return TorchEngine(wrapped, model, settings, info.device, make_optimizer)
