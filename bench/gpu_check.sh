@@ -1,95 +1,140 @@
 #!/usr/bin/env bash
-# Everything this project checks on a GPU, in one call of the lent device machine (which has
-# torch, triton, pyarrow but nothing from the network; webdataset/braceexpand travel as wheels
-# in .whl/, see docs/PERFORMANCE.md). Results go to $OUT (default out/gpu_check):
-#   1. correctness of the fused paths (bench/gpu_check.py correctness),
-#   2. training-step throughput: padded vs packed per-sequence SDPA vs packed-varlen
-#      (… throughput); esmdist vs Hugging Face EsmForMaskedLM for 650M, and peak memory per
-#      token at crop 1,024/2,048/4,096 (bench/train_bench.py: the "hf" section),
-#   3. the trainer loop as a user runs it (bench/loop_bench.py): 35M and 150M against the step
-#      alone, 650M (plain and compiled) and 3B (every block recomputed, and every other one:
-#      89 GB on paper at 16k tokens) for their MFU,
-#   4. the main job on one GPU: shard the bundled proteins → train esm2_35M in bf16 with
-#      checkpoints → resume from the checkpoint → evaluate held-out perplexity; then FSDP2
-#      under torchrun resuming the same run; torch.compile'd blocks on the varlen path.
-# Arguments pick sections (default: all): correctness throughput hf loop e2e. All of them take
-# more than one call's 10 minutes: run `correctness loop` in one call, `throughput hf e2e` in
-# the next.
+# Everything this project checks on a GPU, in one call of the lent device machine (torch,
+# triton, pyarrow, transformers there, nothing from the network). Into $OUT (default
+# out/gpu_check; a lent machine returns at most 8 files): summary.md and summary.json (every
+# bench's result, bench/gpu_summary.py), steps.log (every step's output), the main job's
+# metrics.jsonl.
+#
+#   bash bench/gpu_check.sh prepare        # here, with network: wheels into .whl/, the
+#                                          # reference checkout into .gpu_ref/ (carry both)
+#   bash bench/gpu_check.sh [sections]     # there, all sections by default
+#
+# Sections, run in this order of priority (a lent machine gives 15 minutes in all, one call at
+# most 10), each step only while GPU_CHECK_BUDGET_S (default 540) has room for its estimate
+# (GPU_CHECK_SKIP="loop_650M hf …" skips steps an earlier call measured):
+#   correctness  the fused paths and the step without device reads (bench/gpu_check.py)
+#   loop         the trainer loop as a user runs it (bench/loop_bench.py, MFU from
+#                metrics.jsonl): 650M against the step alone; 3B, every block recomputed;
+#                35M/150M against the step alone; 650M compiled; 3B recomputing every other
+#   hf           esmdist vs Hugging Face EsmForMaskedLM at 650M (bench/train_bench.py)
+#   curve        the main job's bf16 loss curve (35M, 300 steps) against .gpu_ref's — the
+#                code before issue 16's speed changes — within the seed-to-seed spread, and
+#                the same loop's tokens/s before/after
+#   memory       peak memory per token at crop 1,024/2,048/4,096 (650M)
+#   e2e          shard → train 35M → resume → FSDP2 under torchrun → perplexity; compiled
+#   throughput   one step in three layouts: padded, packed per-sequence SDPA, packed varlen
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REF_COMMIT=b2d591c  # the last commit before issue 16's GPU-side speed changes (dd66f82 on)
+if [[ ${1:-} == prepare ]]; then
+    # What esmdist needs at training time that the image lacks (python-hostlist: an sdist,
+    # built into a wheel here; it is pure Python).
+    python3 -m pip wheel -q --no-deps -w .whl webdataset==1.0.2 braceexpand==0.1.7 \
+        python-hostlist==2.3.0 || exit 1
+    rm -rf .gpu_ref && mkdir .gpu_ref
+    git archive "$REF_COMMIT" esmdist launcher configs | tar -x -C .gpu_ref || exit 1
+    echo "prepared: carry [\".whl\", \".gpu_ref\"]"
+    exit 0
+fi
 OUT="${OUT:-out/gpu_check}"
-mkdir -p "$OUT"
+raw=/tmp/esmdist-gpu-results  # each bench's JSON; $OUT gets the few files a lent machine returns
+rm -rf "$raw" && mkdir -p "$OUT" "$raw"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 status=0
 logs=/tmp/esmdist-gpu-logs
 mkdir -p "$logs"
-step() {  # name, command...: run, log to $logs/name.txt and $OUT/steps.log, remember a failure
-    local name=$1; shift
+step() {  # name, estimated seconds, command...: run within the budget, log, remember a failure
+    local name=$1 estimate=$2; shift 2
+    local left=$((deadline - SECONDS))
+    if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+        echo "=== $name skipped: GPU_CHECK_SKIP" | tee -a "$OUT/steps.log"
+        printf '%s\tskipped\t0\n' "$name" >> "$raw/times.tsv"
+        return
+    fi
+    if ((left < estimate)); then
+        echo "=== $name skipped: $left s of the budget left, needs ~$estimate s" | tee -a "$OUT/steps.log"
+        printf '%s\tskipped\t0\n' "$name" >> "$raw/times.tsv"
+        return
+    fi
     echo "=== $name: $*" | tee -a "$OUT/steps.log"
-    local start=$SECONDS
-    if ! "$@" > >(tee "$logs/$name.txt") 2>&1; then echo "=== $name FAILED"; status=1; fi
+    local start=$SECONDS outcome=ok
+    timeout --kill-after=10 "$left" "$@" > >(tee "$logs/$name.txt") 2>&1
+    case $? in
+        0) ;;
+        124|137) outcome="out of budget"; status=1 ;;
+        *) outcome=FAILED; status=1 ;;
+    esac
     sleep 1
     cat "$logs/$name.txt" >> "$OUT/steps.log"
-    echo "=== $name took $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
+    echo "=== $name: $outcome, $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
+    printf '%s\t%s\t%d\n' "$name" "$outcome" $((SECONDS - start)) >> "$raw/times.tsv"
 }
-sections=" ${*:-correctness throughput hf loop e2e} "
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-if [[ $sections == *" correctness "* ]]; then
-    step correctness python3 bench/gpu_check.py correctness
+sections=" ${*:-correctness loop hf curve memory e2e throughput} "
+want() { [[ $sections == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$raw/gpu.txt"
+: > "$raw/times.tsv"
+: > "$OUT/steps.log"
+loop=(python3 bench/loop_bench.py --device cuda --tokens 16384 --workers 4 --rounds 1
+      --log-every 10)
+want correctness && step correctness 60 python3 bench/gpu_check.py correctness
+want loop && step loop_650M 100 "${loop[@]}" --model esm2_650M --steps 40 --step-level \
+    --json "$raw/loop_650M.json"
+want loop && step loop_3B 120 "${loop[@]}" --model esm2_3B --steps 30 \
+    --activation-checkpointing --json "$raw/loop_3B.json"
+want hf && step hf 100 python3 bench/train_bench.py --model esm2_650M --device cuda \
+    --tokens 16384 --rounds 3 --steps 3 --json "$raw/hf_650M.json"
+if want curve && [[ -d .gpu_ref ]]; then
+    step curve 150 "${loop[@]}" --model esm2_35M --steps 300 --compare .gpu_ref --loss-check \
+        --set=--optim.lr=1e-3 --set=--optim.warmup_steps=50 --json "$raw/curve_35M.json"
+elif want curve; then
+    echo "=== curve skipped: no .gpu_ref (bash bench/gpu_check.sh prepare)" | tee -a "$OUT/steps.log"
+    printf 'curve\tskipped\t0\n' >> "$raw/times.tsv"
 fi
-if [[ $sections == *" throughput "* ]]; then
-    step throughput python3 bench/gpu_check.py throughput --out "$OUT/throughput.json"
+for size in esm2_35M esm2_150M; do
+    want loop && step "loop_$size" 60 "${loop[@]}" --model "$size" --steps 60 --step-level \
+        --json "$raw/loop_$size.json"
+done
+want loop && step loop_650M_compiled 150 "${loop[@]}" --model esm2_650M --steps 40 --compile \
+    --json "$raw/loop_650M_compiled.json"
+want memory && step memory 100 python3 bench/train_bench.py --memory --model esm2_650M \
+    --device cuda --tokens 16384 --json "$raw/memory_650M.json"
+if want e2e; then
+    work=/tmp/esmdist-gpu
+    rm -rf "$work"
+    run=(--config configs/debug-cpu.toml --model.size=esm2_35M --train.dtype=bf16
+         --data.path="$work/shards" --data.num_workers=2 --data.max_tokens=16384
+         --data.crop_length=1024 --train.tokens_per_step=16384 --optim.lr=1e-3
+         --optim.warmup_steps=50 --train.valid_every=100 --train.log_every=50
+         --checkpoint.every=100 --train.output_dir="$work/run")
+    step shard 20 python3 -m esmdist.cli shard data/demo_4k.fasta --out "$work/shards" \
+        --split valid=0.05 --shard-size 1MB --workers 4
+    step train 60 python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+        --train.max_steps=300
+    step resume 40 python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+        --train.max_steps=400
+    grep -q "resumed from .*step_000000300 at step 300" "$logs/resume.txt" 2>/dev/null ||
+        { echo "=== no resume at step 300" | tee -a "$OUT/steps.log"; status=1; }
+    step fsdp 50 python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
+        launcher/pretrain.py "${run[@]}" --parallel.backend=fsdp --train.max_steps=500
+    grep -q "resumed from .*step_000000400 at step 400" "$logs/fsdp.txt" 2>/dev/null ||
+        { echo "=== no FSDP2 resume at step 400" | tee -a "$OUT/steps.log"; status=1; }
+    step perplexity 30 python3 -m esmdist.cli eval perplexity --model "$work/run/final" \
+        --shards "$work/shards"
+    step compile 90 python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
+        --train.compile=true --train.max_steps=60 --train.output_dir="$work/compiled"
+    cp "$work/run/metrics.jsonl" "$OUT/" 2>/dev/null
+    tail -n 5 "$logs/perplexity.txt" > "$raw/perplexity.txt" 2>/dev/null
 fi
-if [[ $sections == *" hf "* ]]; then
-    step hf python3 bench/train_bench.py --model esm2_650M --device cuda --tokens 16384 \
-        --rounds 3 --steps 3 --json "$OUT/hf_650M.json"
-    step memory python3 bench/train_bench.py --memory --model esm2_650M --device cuda \
-        --tokens 16384 --json "$OUT/memory_650M.json"
-fi
-if [[ $sections == *" loop "* ]]; then
-    loop=(python3 bench/loop_bench.py --device cuda --tokens 16384 --workers 4 --rounds 1
-          --log-every 10)
-    for size in esm2_35M esm2_150M; do
-        step "loop_$size" "${loop[@]}" --model "$size" --steps 60 --step-level \
-            --json "$OUT/loop_$size.json"
-    done
-    step loop_650M "${loop[@]}" --model esm2_650M --steps 40 --step-level \
-        --json "$OUT/loop_650M.json"
-    step loop_650M_compiled "${loop[@]}" --model esm2_650M --steps 40 --compile \
-        --json "$OUT/loop_650M_compiled.json"
-    step loop_3B "${loop[@]}" --model esm2_3B --steps 30 --activation-checkpointing \
-        --json "$OUT/loop_3B.json"
-    step loop_3B_every2 "${loop[@]}" --model esm2_3B --steps 30 --activation-checkpointing \
-        --set=--train.recompute_every=2 --json "$OUT/loop_3B_every2.json"
-fi
-if [[ $sections != *" e2e "* ]]; then exit $status; fi
-
-work=/tmp/esmdist-gpu
-rm -rf "$work"
-run=(--config configs/debug-cpu.toml --model.size=esm2_35M --train.dtype=bf16
-     --data.path="$work/shards" --data.num_workers=2 --data.max_tokens=16384
-     --data.crop_length=1024 --train.tokens_per_step=16384 --optim.lr=1e-3
-     --optim.warmup_steps=50 --train.valid_every=100 --train.log_every=50
-     --checkpoint.every=100 --train.output_dir="$work/run")
-step shard python3 -m esmdist.cli shard data/demo_4k.fasta --out "$work/shards" \
-    --split valid=0.05 --shard-size 1MB --workers 4
-step train python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
-    --train.max_steps=300
-step resume python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
-    --train.max_steps=400
-grep -q "resumed from .*step_000000300 at step 300" "$logs/resume.txt" || { echo "no resume"; status=1; }
-step fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 launcher/pretrain.py "${run[@]}" \
-    --parallel.backend=fsdp --train.max_steps=500
-grep -q "resumed from .*step_000000400 at step 400" "$logs/fsdp.txt" || { echo "no fsdp resume"; status=1; }
-step perplexity python3 -m esmdist.cli eval perplexity --model "$work/run/final" \
-    --shards "$work/shards"
-step compile python3 launcher/pretrain.py "${run[@]}" --parallel.backend=single \
-    --train.compile=true --train.max_steps=60 --train.output_dir="$work/compiled"
-cp "$work/run/metrics.jsonl" "$OUT/" 2>/dev/null
+want throughput && step throughput 80 python3 bench/gpu_check.py throughput \
+    --out "$raw/throughput.json"
+want loop && step loop_3B_every2 120 "${loop[@]}" --model esm2_3B --steps 30 \
+    --activation-checkpointing --set=--train.recompute_every=2 --json "$raw/loop_3B_every2.json"
+python3 bench/gpu_summary.py "$raw" "$OUT" || status=1
 echo "gpu_check: $([ $status = 0 ] && echo all passed || echo FAILURES)"
 exit $status

@@ -17,6 +17,11 @@ compilation). Checkouts alternate, `--rounds` runs each; the ratio is of the med
 tokens per step, compile and activation checkpointing) on the first batches the trainer's
 loader makes of the same shards, already in host memory, in this process after the runs (one
 process only: `--world 1`).
+`--loss-check` (with `--compare`, one round) compares the loss curves: this checkout and the
+baseline train with train.seed 0, and this checkout once more with seed 1; the curves are
+"within noise" when this checkout's steps differ from the baseline's, on average, by no more
+than they differ from the other seed's (logged steps after the warm-up quarter). Exit status 1
+if not — the check that a speed change left training as it was (gpu_check's `curve`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def shard(out: Path) -> Path:
 
 
 def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> list[dict]:
-    """The logged windows (tokens/s, MFU where the device's peak is known) after the first of
+    """The logged training records (loss, tokens/s, MFU where the device's peak is known) of
     one training run from checkout `tree`."""
     backend = "single" if args.world == 1 else args.backend
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -70,11 +75,16 @@ def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> l
         process = subprocess.Popen([*launcher, *overrides], cwd=tree, stdout=log,
                                    env={**os.environ, "PYTHONPATH": path},
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        records = _records_until(process, out / "metrics.jsonl", args.steps)
+        try:
+            records = _records_until(process, out / "metrics.jsonl", args.steps)
+        finally:  # also when this bench is stopped (gpu_check's budget): no orphaned trainer
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     if records is None:
         tail = (out / "log.txt").read_text()[-3000:]
         sys.exit(f"{tree}: training failed ({process.returncode}):\n{tail}")
-    return [r for r in records if "tokens_per_s" in r][1:]
+    return [r for r in records if "tokens_per_s" in r]
 
 
 def _records_until(process: subprocess.Popen, metrics: Path, last_step: int) -> list | None:
@@ -116,6 +126,31 @@ def step_level(args: argparse.Namespace, shards: Path) -> float:
     return statistics.median(real / timed(ours, batches, device) for _ in range(args.rounds))
 
 
+def loss_check(args: argparse.Namespace, shards: Path, scratch: Path,
+               curves: dict[str, list[dict]]) -> dict:  # fmt: skip
+    """The loss curves of this checkout and the baseline (seed 0) against the seed-to-seed
+    spread of this checkout (seed 1): mean |Δ loss| over the logged steps after the warm-up."""
+    seeded = argparse.Namespace(**{**vars(args), "set": [*args.set, "--train.seed=1"]})
+    curves["this, seed 1"] = run_loop(REPO, seeded, shards, scratch / "this-seed1")
+    start = args.steps // 4
+    losses = {name: {r["step"]: r["loss"] for r in records if r["step"] > start}
+              for name, records in curves.items()}  # fmt: skip
+    steps = sorted(set.intersection(*(set(found) for found in losses.values())))
+    this, baseline, other = (losses[name] for name in ("this", "baseline", "this, seed 1"))
+    code = statistics.fmean(abs(this[s] - baseline[s]) for s in steps)
+    noise = statistics.fmean(abs(this[s] - other[s]) for s in steps)
+    result = {"steps_compared": len(steps), "code_difference": code, "seed_difference": noise,
+              "within_noise": code <= noise,
+              "final_loss": {name: statistics.fmean(found[s] for s in steps[-len(steps) // 4:])
+                             for name, found in losses.items()},
+              "curves": {name: [[s, found[s]] for s in steps] for name, found in losses.items()}}  # fmt: skip
+    print(f"loss curves after step {start} ({len(steps)} logged steps): mean |this − baseline| "
+          f"{code:.4f}, mean |seed 0 − seed 1| {noise:.4f}: "
+          f"{'within noise' if code <= noise else 'OUTSIDE NOISE'}; last quarter's mean loss "
+          + ", ".join(f"{name} {value:.4f}" for name, value in result["final_loss"].items()))  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="debug")
@@ -133,12 +168,17 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compare", type=Path, help="another checkout of esmdist (the baseline)")
     parser.add_argument("--step-level", action="store_true")
+    parser.add_argument("--loss-check", action="store_true", help="with --compare: loss curves")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
                         help="more config overrides, for both checkouts")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup of `finally`s
+    if args.loss_check and not (args.compare and args.rounds == 1):
+        parser.error("--loss-check compares one run of each checkout: --compare and --rounds 1")
     trees = {"this": REPO, **({"baseline": args.compare.resolve()} if args.compare else {})}
     windows: dict[str, list[dict]] = {name: [] for name in trees}
+    curves: dict[str, list[dict]] = {}  # the last run's records of each checkout
     # Not a TemporaryDirectory: a killed run's last processes may still be going at its end.
     scratch = Path(tempfile.mkdtemp(prefix="loop_bench-"))
     try:
@@ -146,12 +186,15 @@ def main() -> None:
         for round_number in range(args.rounds):
             for name, tree in trees.items():
                 found = run_loop(tree, args, shards, scratch / f"{name}-{round_number}")
+                windows[name] += found[1:]  # the first window warms up (and compiles)
+                curves[name] = found
                 print(f"  run {round_number + 1}, {name}: "
-                      f"{statistics.median(w['tokens_per_s'] for w in found):,.0f} tokens/s",
+                      f"{statistics.median(w['tokens_per_s'] for w in found[1:]):,.0f} tokens/s",
                       flush=True)  # fmt: skip
-                windows[name] += found
         if args.step_level and args.world == 1:
             step_alone = step_level(args, shards)
+        if args.loss_check:
+            losses = loss_check(args, shards, scratch, curves)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {"model": args.model, "device": args.device, "world": args.world,
@@ -174,8 +217,12 @@ def main() -> None:
         result["loop_vs_step"] = result["this"] / result["step_level"]
         print(f"  step alone (bench/train_bench.py): {result['step_level']:12,.0f} tokens/s\n"
               f"trainer loop vs step alone: {result['loop_vs_step']:.2f}x")  # fmt: skip
+    if args.loss_check:
+        result["loss_check"] = losses
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if args.loss_check and not losses["within_noise"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

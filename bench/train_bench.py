@@ -274,7 +274,8 @@ def main() -> None:
         mfu = f", MFU {tflops / peak:.1%}" if peak else ""
         print(f"  {name:<34} {1000 * step:8.1f} ms/step  {real / step:10,.0f} tokens/s  "
               f"{tflops:.4f} TFLOP/s{mfu}")  # fmt: skip
-        result[name] = {"step_s": step, "tokens_per_s": real / step, "tflops": tflops}
+        result[name] = {"step_s": step, "tokens_per_s": real / step, "tflops": tflops,
+                        "mfu": tflops / peak if peak else None}  # fmt: skip
     ratio = statistics.median(seconds[theirs.name]) / statistics.median(seconds[ours.name])
     per_round = [h / e for h, e in zip(seconds[theirs.name], seconds[ours.name], strict=True)]
     print(f"esmdist vs HF: {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in per_round)})")

@@ -1,0 +1,167 @@
+"""The results of one bench/gpu_check.sh run as one markdown page and one JSON file: where each
+GPU target of issue 16 stands, then the tables for docs/PERFORMANCE.md.
+
+    python bench/gpu_summary.py RAW_DIR OUT_DIR   # writes OUT_DIR/summary.md, summary.json
+
+RAW_DIR holds what the benches wrote (`--json` of bench/loop_bench.py, bench/train_bench.py,
+bench/gpu_check.py throughput; gpu.txt, times.tsv, perplexity.txt). A bench that did not run
+(skipped for the budget, failed) leaves its rows out and its targets "unmeasured".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+LOOPS = {  # file stem → what it ran
+    "loop_650M": "650M",
+    "loop_650M_compiled": "650M, torch.compile",
+    "loop_3B": "3B, every block recomputed",
+    "loop_3B_every2": "3B, every other block recomputed",
+    "loop_esm2_35M": "35M",
+    "loop_esm2_150M": "150M",
+    "curve_35M": "35M, main job's settings (this checkout)",
+}
+
+
+def read_results(raw: Path) -> dict:
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(raw.glob("*.json"))}
+    for name in ("gpu.txt", "perplexity.txt"):
+        if (raw / name).exists():
+            results[name.split(".")[0]] = (raw / name).read_text().strip()
+    times = raw / "times.tsv"
+    lines = times.read_text().splitlines() if times.exists() else []
+    results["steps"] = [dict(zip(("step", "outcome", "seconds"), line.split("\t"), strict=True))
+                        for line in lines]  # fmt: skip
+    return results
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def verdict(value: float | None, goal: float) -> str:
+    return "unmeasured" if value is None else ("met" if value >= goal else "not met")
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 16's GPU targets against what this run measured (None: not measured)."""
+    loop = {name: results.get(name, {}) for name in LOOPS}
+    three_b = [loop[n].get("this_mfu") for n in ("loop_3B", "loop_3B_every2")]
+    ratios = [loop[n].get("loop_vs_step") for n in ("loop_esm2_35M", "loop_esm2_150M")]
+    curve = results.get("curve_35M", {}).get("loss_check")
+    compiled, plain = loop["loop_650M_compiled"].get("this"), loop["loop_650M"].get("this")
+    rows = [
+        ("650M trainer loop MFU ≥ 55%", loop["loop_650M"].get("this_mfu"), 0.55, percent),
+        ("650M esmdist vs HF EsmForMaskedLM ≥ 2.5×", results.get("hf_650M", {}).get("ratio"),
+         2.5, lambda v: f"{v:.2f}×"),
+        ("3B trainer loop MFU ≥ 50% (best recompute setting)",
+         max(filter(None, three_b), default=None), 0.50, percent),
+        ("35M and 150M trainer loop ≥ 0.9× the step alone",
+         min(ratios) if None not in ratios else None, 0.9, lambda v: f"{v:.2f}× (lower)"),
+        ("bf16 loss curve within noise of the code before issue 16",
+         None if curve is None else float(curve["within_noise"]), 1.0,
+         lambda v: f"mean Δ {curve['code_difference']:.4f}, seeds {curve['seed_difference']:.4f}"),
+        ("compile by default pays (650M loop, compiled vs plain > 1)",
+         compiled / plain if compiled and plain else None, 1.0, lambda v: f"{v:.2f}×"),
+    ]  # fmt: skip
+    return [{"target": name, "measured": None if value is None else shown(value),
+             "value": value, "status": verdict(value, goal)}
+            for name, value, goal, shown in rows]  # fmt: skip
+
+
+def loop_table(results: dict) -> list[str]:
+    """Every trainer-loop run of this check (none: no table)."""
+    runs = [(label, results[name]) for name, label in LOOPS.items() if name in results]
+    lines = ["| run | tokens/s | MFU | step alone, tokens/s | loop vs step |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for label, found in runs:
+        step = found.get("step_level")
+        ratio = found.get("loop_vs_step")
+        lines.append(f"| {label} ({found['tokens_per_rank']:,} tokens per step) | "
+                     f"{found['this']:,.0f} | {percent(found.get('this_mfu'))} | "
+                     f"{'—' if step is None else f'{step:,.0f}'} | "
+                     f"{'—' if ratio is None else f'{ratio:.2f}×'} |")  # fmt: skip
+    return lines if runs else []
+
+
+def hf_table(found: dict) -> list[str]:
+    lines = [f"{found['model']}, {found['dtype']}, {found['real_tokens']:,.0f} real tokens per "
+             f"step ({found['padded_tokens']:,.0f} padded for HF); esmdist vs HF "
+             f"**{found['ratio']:.2f}×**", "",
+             "| side | ms/step | tokens/s | TFLOP/s | MFU |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for side, row in found.items():
+        if isinstance(row, dict):
+            lines.append(f"| {side} | {1000 * row['step_s']:.1f} | {row['tokens_per_s']:,.0f} | "
+                         f"{row['tflops']:,.1f} | {percent(row.get('mfu'))} |")  # fmt: skip
+    return lines
+
+
+def curve_lines(found: dict) -> list[str]:
+    check = found["loss_check"]
+    finals = ", ".join(f"{name} {value:.4f}" for name, value in check["final_loss"].items())
+    return [f"{check['steps_compared']} logged steps after the warm-up: mean |this − before| "
+            f"{check['code_difference']:.4f}, mean |seed 0 − seed 1| {check['seed_difference']:.4f} "
+            f"→ {'within noise' if check['within_noise'] else '**outside noise**'}; last "
+            f"quarter's mean loss: {finals}. Trainer loop tokens/s, this vs before: "
+            f"{found['ratio']:.2f}× ({found['this']:,.0f} vs {found['baseline']:,.0f})."]  # fmt: skip
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    lines = ["| crop | tokens | peak GiB | KiB per token | saved for backward, KiB per token |",
+             "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['crop']:,} | {r['tokens']:,} | {r['peak_gib']:.2f} | "
+              f"{r['kib_per_token']:.1f} | {r['saved_kib_per_token']:.1f} |" for r in rows]  # fmt: skip
+    return lines
+
+
+def throughput_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | layout | tokens (padded) | step ms | tokens/s | TFLOP/s | MFU | peak GiB "
+             "| × padded |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['size']} | {r['mode']} | {r['tokens']} ({r['padded_tokens']}) | "
+              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+              f"{r['mfu']:.1%} | {r['peak_memory_gib']:.1f} | {r['x_padded']:.2f} |"
+              for r in rows]  # fmt: skip
+    return lines
+
+
+def page(results: dict, goals: list[dict], date: str) -> str:
+    gpu = (results.get("gpu") or "an unnamed GPU").splitlines()[-1]
+    lines = [f"# bench/gpu_check.sh on {gpu}, {date}", "", "| target | measured | status |",
+             "|---|---|---|"]  # fmt: skip
+    lines += [f"| {g['target']} | {g['measured'] or '—'} | {g['status']} |" for g in goals]
+    lines += ["", "| step | outcome | seconds |", "|---|---|---:|"]
+    lines += [f"| {s['step']} | {s['outcome']} | {s['seconds']} |" for s in results["steps"]]
+    sections = [("Trainer loop (launcher/pretrain.py, metrics.jsonl)", loop_table(results)),
+                ("esmdist vs Hugging Face", "hf_650M" in results and hf_table(results["hf_650M"])),
+                ("Main job's loss curve against the code before issue 16",
+                 "curve_35M" in results and curve_lines(results["curve_35M"])),
+                ("Memory vs crop length (650M, packed)",
+                 "memory_650M" in results and memory_table(results["memory_650M"])),
+                ("One training step in three layouts",
+                 "throughput" in results and throughput_table(results["throughput"])),
+                ("Held-out perplexity of the main job",
+                 "perplexity" in results and ["```", results["perplexity"], "```"])]  # fmt: skip
+    for title, body in sections:
+        if body:
+            lines += ["", f"## {title}", "", *body]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.split("\n\n")[1])
+    raw, out = Path(sys.argv[1]), Path(sys.argv[2])
+    results = read_results(raw)
+    goals = targets(results)
+    date = datetime.date.today().isoformat()
+    (out / "summary.md").write_text(page(results, goals, date))
+    (out / "summary.json").write_text(json.dumps({"date": date, "targets": goals,
+                                                  "results": results}, indent=1))  # fmt: skip
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
