@@ -18,14 +18,16 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TEST_DATA
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
 
 
-def bench(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600, **kwargs)  # fmt: skip
+def bench(*args: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
 
 
 def test_gpu_check_keeps_to_its_budget(tmp_path):
@@ -41,16 +43,17 @@ def test_gpu_check_keeps_to_its_budget(tmp_path):
     assert "skipped: 0 s of the budget left" in (tmp_path / "steps.log").read_text()
 
 
-def test_summary_of_real_bench_results(tmp_path):
+def test_summary_of_real_bench_results(tmp_path, image_env):
+    """The benches run as on the GPU machine: with only the image's packages importable."""
     raw, baseline = tmp_path / "raw", tmp_path / "before"
     raw.mkdir()
     shutil.copytree(REPO, baseline, ignore=shutil.ignore_patterns(".venv", ".git", "out", "tests"))
     hf = bench("bench/train_bench.py", "--model", "debug", "--device", "cpu", "--tokens", "1024",
-               "--steps", "1", "--rounds", "1", "--json", str(raw / "hf_650M.json"))  # fmt: skip
+               "--steps", "1", "--rounds", "1", "--json", str(raw / "hf_650M.json"), env=image_env)  # fmt: skip
     assert hf.returncode == 0, hf.stderr[-3000:]
     curve = bench("bench/loop_bench.py", "--model", "debug", "--steps", "24", "--log-every", "4",
                   "--tokens", "1024", "--rounds", "1", "--compare", str(baseline), "--loss-check",
-                  "--step-level", "--json", str(raw / "curve_35M.json"))  # fmt: skip
+                  "--step-level", "--json", str(raw / "curve_35M.json"), env=image_env)  # fmt: skip
     assert curve.returncode == 0, curve.stdout[-3000:] + curve.stderr[-3000:]
     (raw / "times.tsv").write_text("hf\tok\t12\ncurve\tok\t40\nloop_3B\tskipped\t0\n")
     done = bench("bench/gpu_summary.py", str(raw), str(tmp_path))
@@ -97,10 +100,12 @@ def with_requirements(names: set[str]) -> set[str]:
     return found
 
 
-def image_only(tmp_path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def image_env(tmp_path_factory) -> dict[str, str]:
     """An environment whose Python imports only what the GPU machine has: the image's packages,
     the wheels gpu_check.sh carries, esmdist; any other installed module is not found
     (in every subprocess too)."""
+    site = tmp_path_factory.mktemp("image_only")
     lines = (TEST_DATA / "gpu_image_packages.txt").read_text().splitlines()
     carried = re.findall(r"([\w.-]+)==[\d.]+", (REPO / "bench/gpu_check.sh").read_text())
     allowed = with_requirements({canonical(n) for n in [*lines, *carried] if n[0] != "#"})
@@ -109,7 +114,7 @@ def image_only(tmp_path) -> dict[str, str]:
                      if not {canonical(d) for d in dists} & allowed)  # fmt: skip
     assert "hostlist" not in blocked and "zstandard" in blocked and "deepspeed" in blocked
     # Not found, rather than failing to load: optional imports (torch's of zstandard) fall back.
-    (tmp_path / "sitecustomize.py").write_text(f"""import importlib.machinery, sys
+    (site / "sitecustomize.py").write_text(f"""import importlib.machinery, sys
 BLOCKED = set({blocked!r})
 class ImageOnly(importlib.machinery.PathFinder):
     @classmethod
@@ -119,25 +124,28 @@ class ImageOnly(importlib.machinery.PathFinder):
         return super().find_spec(name, path, target)
 sys.meta_path[:] = [ImageOnly if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 """)
-    return {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    return {**ENV, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
 
 
-def test_the_check_needs_nothing_beyond_the_image_and_the_carried_wheels(tmp_path):
-    env, work = image_only(tmp_path), tmp_path / "work"
-    blocked = subprocess.run([sys.executable, "-c", "import zstandard"], env=env, cwd=REPO,
-                             capture_output=True, text=True)  # fmt: skip
+def test_the_main_job_needs_nothing_beyond_the_image_and_the_carried_wheels(tmp_path, image_env):
+    """gpu_check's e2e steps (the benches: above) as on the GPU machine."""
+    work = tmp_path / "work"
+    blocked = bench("-c", "import zstandard", env=image_env)
     assert "No module named 'zstandard'" in blocked.stderr
     run = ["--config", "configs/debug-cpu.toml", f"--data.path={work}/shards",
            f"--train.output_dir={work}/run", "--train.max_steps=30", "--checkpoint.every=15"]  # fmt: skip
+    outputs = []
     for command in (
         ["-m", "esmdist.cli", "shard", "data/demo_4k.fasta", "--out", f"{work}/shards",
          "--split", "valid=0.05", "--shard-size", "1MB", "--workers", "2"],
         ["launcher/pretrain.py", *run],
+        ["launcher/pretrain.py", *run, "--train.max_steps=40"],  # resumes at 30
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+         "launcher/pretrain.py", *run, "--parallel.backend=fsdp", "--train.max_steps=50"],
         ["-m", "esmdist.cli", "eval", "perplexity", "--model", f"{work}/run/final", "--shards",
          f"{work}/shards"],
-        ["bench/train_bench.py", "--model", "debug", "--device", "cpu", "--tokens", "1024",
-         "--steps", "1", "--rounds", "1"],
     ):  # fmt: skip
-        done = subprocess.run([sys.executable, *command], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
+        done = bench(*command, env=image_env)
         assert done.returncode == 0, f"{command}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        outputs.append(done.stdout + done.stderr)
+    assert "at step 30" in outputs[2] and "at step 40" in outputs[3]
