@@ -20,6 +20,8 @@
 #   curve        the main job's bf16 loss curve (35M, 300 steps) against .gpu_ref's — the
 #                code before issue 16's speed changes — within the seed-to-seed spread, and
 #                the same loop's tokens/s before/after
+#   profile      where the 650M step's GPU time goes, by kernel kind (bench/step_profile.py),
+#                plain, then compiled
 #   memory       peak memory per token at crop 1,024/2,048/4,096 (650M)
 #   e2e          shard → train 35M → resume → FSDP2 under torchrun → perplexity; compiled
 #   throughput   one step in three layouts: padded, packed per-sequence SDPA, packed varlen
@@ -75,7 +77,7 @@ step() {  # name, estimated seconds, command...: run within the budget, log, rem
     echo "=== $name: $outcome, $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
     printf '%s\t%s\t%d\n' "$name" "$outcome" $((SECONDS - start)) >> "$raw/times.tsv"
 }
-sections=" ${*:-correctness loop hf curve memory e2e throughput} "
+sections=" ${*:-correctness loop hf curve profile memory e2e throughput} "
 want() { [[ $sections == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$raw/gpu.txt"
 : > "$raw/times.tsv"
@@ -96,6 +98,8 @@ elif want curve; then
     echo "=== curve skipped: no .gpu_ref (bash bench/gpu_check.sh prepare)" | tee -a "$OUT/steps.log"
     printf 'curve\tskipped\t0\n' >> "$raw/times.tsv"
 fi
+want profile && step profile 60 python3 bench/step_profile.py --model esm2_650M --device cuda \
+    --tokens 16384 --json "$raw/profile_650M.json"
 for size in esm2_35M esm2_150M; do
     want loop && step "loop_$size" 60 "${loop[@]}" --model "$size" --steps 60 --step-level \
         --json "$raw/loop_$size.json"
@@ -133,6 +137,8 @@ if want e2e; then
 fi
 want throughput && step throughput 80 python3 bench/gpu_check.py throughput \
     --out "$raw/throughput.json"
+want profile && step profile_compiled 120 python3 bench/step_profile.py --model esm2_650M \
+    --device cuda --tokens 16384 --compile --json "$raw/profile_650M_compiled.json"
 want loop && step loop_3B_every2 120 "${loop[@]}" --model esm2_3B --steps 30 \
     --activation-checkpointing --set=--train.recompute_every=2 --json "$raw/loop_3B_every2.json"
 python3 bench/gpu_summary.py "$raw" "$OUT" || status=1

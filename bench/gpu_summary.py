@@ -127,6 +127,29 @@ def throughput_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def profile_lines(found: dict) -> list[str]:
+    """bench/step_profile.py's result: time by kind of kernel, then the top kernels."""
+    lines = [f"{found['model']}, {found['dtype']}, {found['tokens']:,} tokens, compile "
+             f"{found['compile']}: step {found['step_ms']:.1f} ms under the profiler, kernels "
+             f"{found['profiled_ms']:.1f} ms of it (device busy {found['busy']:.0%})", "",
+             "| kind | ms per step | share |", "|---|---:|---:|"]  # fmt: skip
+    lines += [
+        f"| {k} | {row['ms']:.2f} | {row['share']:.1%} |" for k, row in found["kinds"].items()
+    ]
+    lines += ["", "| kernel | kind | ms per step | share |", "|---|---|---:|---:|"]
+    lines += [f"| `{row['name'][:80]}` | {row['kind']} | {row['ms']:.2f} | {row['share']:.1%} |"
+              for row in found["top"][:10]]  # fmt: skip
+    return lines
+
+
+def profile_section(results: dict) -> list[str]:
+    lines: list[str] = []
+    for name in ("profile_650M", "profile_650M_compiled"):
+        if name in results:
+            lines += [*([""] if lines else []), *profile_lines(results[name])]
+    return lines
+
+
 def page(results: dict, goals: list[dict], date: str) -> str:
     gpu = (results.get("gpu") or "an unnamed GPU").splitlines()[-1]
     lines = [f"# bench/gpu_check.sh on {gpu}, {date}", "", "| target | measured | status |",
@@ -138,6 +161,8 @@ def page(results: dict, goals: list[dict], date: str) -> str:
                 ("esmdist vs Hugging Face", "hf_650M" in results and hf_table(results["hf_650M"])),
                 ("Main job's loss curve against the code before issue 16",
                  "curve_35M" in results and curve_lines(results["curve_35M"])),
+                ("Where the step's time goes (bench/step_profile.py)",
+                 profile_section(results)),
                 ("Memory vs crop length (650M, packed)",
                  "memory_650M" in results and memory_table(results["memory_650M"])),
                 ("One training step in three layouts",

@@ -2,8 +2,8 @@
 what turns its benches into the summary must not fail there for the first time.
 - bench/gpu_check.sh keeps to its budget: with none left, every step is skipped, the summary
   still comes back, and every GPU target reads "unmeasured";
-- bench/gpu_summary.py reads what the benches really write (bench/train_bench.py and
-  bench/loop_bench.py run here on the debug model, loop_bench with its loss-curve check against
+- bench/gpu_summary.py reads what the benches really write (bench/train_bench.py,
+  bench/step_profile.py and bench/loop_bench.py run here on the debug model, loop_bench with its loss-curve check against
   a second copy of this checkout) into its targets and tables;
 - what the check runs imports nothing beyond the machine's image and the wheels that
   `gpu_check.sh prepare` carries (a missing python-hostlist would have failed every step)."""
@@ -55,6 +55,9 @@ def test_summary_of_real_bench_results(tmp_path, image_env):
                   "--tokens", "1024", "--rounds", "1", "--compare", str(baseline), "--loss-check",
                   "--step-level", "--json", str(raw / "curve_35M.json"), env=image_env)  # fmt: skip
     assert curve.returncode == 0, curve.stdout[-3000:] + curve.stderr[-3000:]
+    profile = bench("bench/step_profile.py", "--model", "debug", "--device", "cpu", "--tokens",
+                    "1024", "--steps", "1", "--json", str(raw / "profile_650M.json"), env=image_env)  # fmt: skip
+    assert profile.returncode == 0, profile.stderr[-3000:]
     (raw / "times.tsv").write_text("hf\tok\t12\ncurve\tok\t40\nloop_3B\tskipped\t0\n")
     done = bench("bench/gpu_summary.py", str(raw), str(tmp_path))
     assert done.returncode == 0, done.stderr
@@ -70,7 +73,14 @@ def test_summary_of_real_bench_results(tmp_path, image_env):
     met = statuses["650M esmdist vs HF EsmForMaskedLM ≥ 2.5×"]
     assert met == ("met" if ratio >= 2.5 else "not met")
     page = (tmp_path / "summary.md").read_text()
-    for title in ("## Trainer loop", "## esmdist vs Hugging Face", "## Main job's loss curve"):
+    kinds = summary["results"]["profile_650M"]["kinds"]
+    assert kinds["matmul"]["share"] > 0.2 and kinds["attention"]["ms"] > 0  # the step's bulk
+    for title in (
+        "## Trainer loop",
+        "## esmdist vs Hugging Face",
+        "## Main job's loss curve",
+        "## Where the step's time goes",
+    ):
         assert title in page
     assert "| loop_3B | skipped | 0 |" in page and "35M, main job's settings" in page
 
