@@ -131,7 +131,8 @@ def profile_lines(found: dict) -> list[str]:
     """bench/step_profile.py's result: time by kind of kernel, then the top kernels."""
     lines = [f"{found['model']}, {found['dtype']}, {found['tokens']:,} tokens, compile "
              f"{found['compile']}: step {found['step_ms']:.1f} ms under the profiler, kernels "
-             f"{found['profiled_ms']:.1f} ms of it (device busy {found['busy']:.0%})", "",
+             f"{found['profiled_ms']:.1f} ms of it (device busy {found['busy']:.0%}; "
+             f"{found['calls_per_step']:,.0f} kernels per step)", "",
              "| kind | ms per step | share |", "|---|---:|---:|"]  # fmt: skip
     lines += [
         f"| {k} | {row['ms']:.2f} | {row['share']:.1%} |" for k, row in found["kinds"].items()

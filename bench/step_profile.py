@@ -43,22 +43,27 @@ def kind(name: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, lowered)), "other")
 
 
-def profiled_times(profile, device: torch.device) -> dict[str, float]:
-    """Microseconds per entry: each kernel's device time on a GPU; each operator's own CPU
-    time (its children's excluded, so nothing counts twice) on a CPU."""
+def profiled_times(profile, device: torch.device) -> tuple[dict[str, float], int]:
+    """Microseconds per entry — each kernel's device time on a GPU, each operator's own CPU
+    time (its children's excluded, so nothing counts twice) on a CPU — and the number of
+    kernels launched (GPU) or operators dispatched (CPU, nested ones included): the host's
+    work, which bounds a small model's step on a GPU."""
     found: dict[str, float] = collections.Counter()
+    calls = 0
     if device.type == "cuda":
         for event in profile.events():
             if event.device_type == DeviceType.CUDA:
                 found[event.name] += event.device_time_total
+                calls += 1
     else:
         for entry in profile.key_averages():
-            if entry.self_cpu_time_total > 0 and entry.key.startswith("aten::"):
+            if entry.key.startswith("aten::"):
                 found[entry.key] += entry.self_cpu_time_total
-    return found
+                calls += entry.count
+    return found, calls
 
 
-def profile_steps(ours: Esmdist, batches: list, device: torch.device) -> tuple[dict, float]:
+def profile_steps(ours: Esmdist, batches: list, device: torch.device) -> tuple[dict, int, float]:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -69,10 +74,10 @@ def profile_steps(ours: Esmdist, batches: list, device: torch.device) -> tuple[d
             ours.step(batch)
         synchronize(device)
         wall = time.perf_counter() - start
-    return profiled_times(profile, device), wall
+    return *profiled_times(profile, device), wall
 
 
-def report(times: dict[str, float], wall: float, steps: int, top: int) -> dict:
+def report(times: dict[str, float], calls: int, wall: float, steps: int, top: int) -> dict:
     total = sum(times.values())
     by_kind: dict[str, float] = collections.Counter()
     for name, micros in times.items():
@@ -82,12 +87,14 @@ def report(times: dict[str, float], wall: float, steps: int, top: int) -> dict:
         "step_ms": 1e3 * wall / steps,
         "profiled_ms": total * per_step,
         "busy": total * 1e-6 / wall,
+        "calls_per_step": calls / steps,
         "kinds": {k: {"ms": v * per_step, "share": v / total} for k, v in by_kind.most_common()},
         "top": [{"name": name, "kind": kind(name), "ms": v * per_step, "share": v / total}
                 for name, v in sorted(times.items(), key=lambda item: -item[1])[:top]],
     }  # fmt: skip
     print(f"step {result['step_ms']:.1f} ms (profiled), kernels/operators {result['profiled_ms']:.1f}"
-          f" ms of it: busy {result['busy']:.0%}")  # fmt: skip
+          f" ms of it: busy {result['busy']:.0%}; {result['calls_per_step']:,.0f} kernels launched "
+          "(GPU) / operators dispatched (CPU) per step")  # fmt: skip
     print("| kind | ms per step | share |\n|---|---:|---:|")
     for name, row in result["kinds"].items():
         print(f"| {name} | {row['ms']:.2f} | {row['share']:.1%} |")
@@ -119,13 +126,13 @@ def main() -> None:
         ours.step(batch)
     print(f"{args.model} on {device}, {dtype}, {args.tokens} tokens per step, compile "
           f"{args.compile}, {args.steps} profiled steps:")  # fmt: skip
-    times, wall = profile_steps(ours, batches[3:], device)
+    times, calls, wall = profile_steps(ours, batches[3:], device)
     if not sum(times.values()):
         sys.exit(
             f"step_profile: the profiler recorded no {device.type} time (torch {torch.__version__})"
         )
     result = {"model": args.model, "device": str(device), "dtype": dtype, "tokens": args.tokens,
-              "compile": args.compile, **report(times, wall, args.steps, args.top)}  # fmt: skip
+              "compile": args.compile, **report(times, calls, wall, args.steps, args.top)}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
