@@ -51,18 +51,18 @@ deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 status=0
 logs=/tmp/esmdist-gpu-logs
 mkdir -p "$logs"
+skip() {  # name, why
+    echo "=== $1 skipped: $2" | tee -a "$OUT/steps.log"
+    printf '%s\tskipped\t0\n' "$1" >> "$raw/times.tsv"
+}
 step() {  # name, estimated seconds, command...: run within the budget, log, remember a failure
     local name=$1 estimate=$2; shift 2
     local left=$((deadline - SECONDS))
     if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
-        echo "=== $name skipped: GPU_CHECK_SKIP" | tee -a "$OUT/steps.log"
-        printf '%s\tskipped\t0\n' "$name" >> "$raw/times.tsv"
-        return
+        skip "$name" GPU_CHECK_SKIP; return
     fi
     if ((left < estimate)); then
-        echo "=== $name skipped: $left s of the budget left, needs ~$estimate s" | tee -a "$OUT/steps.log"
-        printf '%s\tskipped\t0\n' "$name" >> "$raw/times.tsv"
-        return
+        skip "$name" "$left s of the budget left, needs ~$estimate s"; return
     fi
     echo "=== $name: $*" | tee -a "$OUT/steps.log"
     local start=$SECONDS outcome=ok
@@ -95,8 +95,7 @@ if want curve && [[ -d .gpu_ref ]]; then
     step curve 150 "${loop[@]}" --model esm2_35M --steps 300 --compare .gpu_ref --loss-check \
         --set=--optim.lr=1e-3 --set=--optim.warmup_steps=50 --json "$raw/curve_35M.json"
 elif want curve; then
-    echo "=== curve skipped: no .gpu_ref (bash bench/gpu_check.sh prepare)" | tee -a "$OUT/steps.log"
-    printf 'curve\tskipped\t0\n' >> "$raw/times.tsv"
+    skip curve "no .gpu_ref (bash bench/gpu_check.sh prepare)"
 fi
 want profile && step profile 60 python3 bench/step_profile.py --model esm2_650M --device cuda \
     --tokens 16384 --json "$raw/profile_650M.json"

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from train_bench import add_timing_arguments, real_batches, synchronize  # noqa: E402
+from train_bench import Esmdist, add_timing_arguments, real_batches, synchronize  # noqa: E402
 
 from esmdist.model.config import MODEL_SIZES  # noqa: E402
 
@@ -45,38 +45,22 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
             f"zero{args.zero} overlap_comm on": [stage, "--parallel.overlap_comm=true"]}  # fmt: skip
 
 
-class Trainer:
-    """The trainer's engine for one variant, and its optimizer step over micro-batches."""
-
-    def __init__(self, args: argparse.Namespace, overrides: list[str], info):
-        from esmdist.config import load_config
-        from esmdist.train import engine_for
-
-        dtype = args.dtype or ("bf16" if info.device.type == "cuda" else "fp32")
-        config = load_config(None, [
-            f"--model.size={args.model}", f"--parallel.backend={args.backend}",
-            f"--train.dtype={dtype}", f"--data.max_tokens={args.tokens}",
-            f"--train.tokens_per_step={args.tokens * args.micro * info.world_size}",
-            f"--train.compile={str(args.compile).lower()}", *overrides,
-        ])  # fmt: skip
-        self.engine, self.device = engine_for(config, info), info.device
-
-    def step(self, micro_batches: list) -> None:
-        from esmdist.train import masked_lm_loss
-
-        for index, batch in enumerate(micro_batches):
-            loss = masked_lm_loss(self.engine, batch, self.device) / batch.targets.numel()
-            self.engine.backward(loss, last=index == len(micro_batches) - 1)
-        self.engine.step()
+def trainer(args: argparse.Namespace, overrides: list[str], info) -> Esmdist:
+    """The trainer's engine (engine_for) for one variant, on this rank."""
+    dtype = args.dtype or ("bf16" if info.device.type == "cuda" else "fp32")
+    return Esmdist(args.model, info.device, dtype, args.tokens, args.compile, info=info,
+                   overrides=(f"--parallel.backend={args.backend}",
+                              f"--train.tokens_per_step={args.tokens * args.micro * info.world_size}",
+                              *overrides))  # fmt: skip
 
 
-def timed(trainer: Trainer, steps: list[list], device: torch.device) -> float:
+def timed(ours: Esmdist, steps: list[list], device: torch.device) -> float:
     """Seconds per optimizer step, every rank starting together."""
     synchronize(device)
     dist.barrier()
     start = time.perf_counter()
     for micro_batches in steps:
-        trainer.step(micro_batches)
+        ours.step(*micro_batches)
     synchronize(device)
     dist.barrier()
     return (time.perf_counter() - start) / len(steps)
@@ -96,15 +80,15 @@ def main() -> None:
 
     info = init_distributed(args.backend)
     torch.manual_seed(0)
-    trainers = {name: Trainer(args, overrides, info) for name, overrides in variants(args).items()}
+    trainers = {name: trainer(args, overrides, info) for name, overrides in variants(args).items()}
     batches = real_batches(args.tokens, args.steps * args.micro, seed=1 + info.rank)
     if info.device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
     steps = [batches[i : i + args.micro] for i in range(0, len(batches), args.micro)]
     seconds: dict[str, list[float]] = {name: [] for name in trainers}
     for round_number in range(args.rounds + 1):  # round 0 warms up (and compiles)
-        for name, trainer in trainers.items():
-            took = timed(trainer, steps, info.device)
+        for name, ours in trainers.items():
+            took = timed(ours, steps, info.device)
             if round_number:
                 seconds[name].append(took)
     if info.is_main:

@@ -69,7 +69,9 @@ class Esmdist:
     name = "esmdist (packed)"
 
     def __init__(self, size: str, device: torch.device, dtype: str, tokens: int, compile: bool,
-                 checkpointing: bool = False):  # fmt: skip
+                 checkpointing: bool = False, info=None, overrides: tuple[str, ...] = ()):  # fmt: skip
+        """One process (`single`) unless `info` (a DistInfo) and `overrides` (config keys, after
+        these: the backend, tokens per step) say otherwise."""
         from esmdist.config import load_config
         from esmdist.parallel.distributed import DistInfo
         from esmdist.train import engine_for
@@ -78,18 +80,20 @@ class Esmdist:
                                     f"--train.dtype={dtype}", f"--data.max_tokens={tokens}",
                                     f"--train.tokens_per_step={tokens}",
                                     f"--train.compile={str(compile).lower()}",
-                                    f"--train.activation_checkpointing={str(checkpointing).lower()}"])  # fmt: skip
+                                    f"--train.activation_checkpointing={str(checkpointing).lower()}",
+                                    *overrides])  # fmt: skip
         self.config = config
-        self.engine = engine_for(config, DistInfo(0, 1, 0, device))
+        self.engine = engine_for(config, info or DistInfo(0, 1, 0, device))
         self.device = device
 
-    def step(self, batch: PackedBatch) -> None:
-        """The trainer's step on a batch in host memory (pinned for a GPU), as the loader
-        hands it out."""
+    def step(self, *micro_batches: PackedBatch) -> None:
+        """The trainer's optimizer step over micro-batches in host memory (pinned for a GPU),
+        as the loader hands them out."""
         from esmdist.train import masked_lm_loss
 
-        loss = masked_lm_loss(self.engine, batch, self.device) / batch.targets.numel()
-        self.engine.backward(loss, last=True)
+        for index, batch in enumerate(micro_batches):
+            loss = masked_lm_loss(self.engine, batch, self.device) / batch.targets.numel()
+            self.engine.backward(loss, last=index == len(micro_batches) - 1)
         self.engine.step()
 
 

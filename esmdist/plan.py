@@ -12,8 +12,8 @@ Memory per GPU (bytes; P parameters, N GPUs, T tokens per micro-batch, L layers,
   master + moments 12P): stage 1 shards the 12P, stage 2 also the gradients, stage 3
   everything; plus its buffers as DeepSpeed's source allocates them: stage 1/2 gradient
   reduction buffers of parallel.bucket_elements each (at most P: esmdist caps them), two with
-  overlap_comm (double buffering), at most 4 bytes an element (fp32 accumulation); stage 3 one reduction bucket in
-  bf16 and up to 1e9 live gathered parameters.
+  overlap_comm (double buffering), at most 4 bytes an element (fp32 accumulation); stage 3
+  one reduction bucket in bf16 and up to 1e9 live gathered parameters.
 - activations — what autograd saves for backward, measured (bench/train_bench.py --memory,
   exact storage sizes): `ACTIVATION_VALUES` = 17 values per layer per token per unit of width
   plus 1.5 outside the blocks (embeddings, final LayerNorm), at 4 bytes in fp32 (within 1% on

@@ -35,7 +35,8 @@ class DeepSpeedEngine(Engine):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = make_optimizer(params)
         # DeepSpeed allocates its reduction buckets whole (two with overlap_comm): none larger
-        # than the model; and it wants them a multiple of its NCCL alignment (2 elements).
+        # than the model; rounded up to a multiple of 8, which its NCCL alignment (2 elements)
+        # divides.
         bucket = min(parallel.bucket_elements, sum(p.numel() for p in params))
         bucket = -(-bucket // 8) * 8
         zero: dict = {
