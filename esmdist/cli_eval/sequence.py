@@ -117,7 +117,8 @@ def plot_embeddings(parquet: str, fasta: str, layer: int, label_regex: str | Non
     from esmdist.data.fasta import read_fasta
     from esmdist.eval.plot import plot_projection
 
-    table = pq.read_table(parquet, columns=["id", f"mean_{layer}"])
+    # No reader threads: they can abort the process at exit (see ShardSet.from_directory).
+    table = pq.read_table(parquet, columns=["id", f"mean_{layer}"], use_threads=False)
     rows = np.random.default_rng(0).permutation(table.num_rows)[:limit]
     ids = table.column("id").take(rows).to_pylist()
     vectors = np.stack(table.column(f"mean_{layer}").take(rows).to_numpy(zero_copy_only=False))

@@ -146,7 +146,11 @@ class ShardSet:
             )
         try:
             with fs.open(f"{root.rstrip('/')}/{SHARD_TABLE}", "rb") as handle:
-                rows = [r for r in pq.read_table(handle).to_pylist() if r["split"] == split]
+                # Without pyarrow's reader threads: a process that read parquet with them
+                # aborts at exit now and then (apache/arrow#34314; here 8 in 60 `esmdist
+                # check`s), and the shard table is small.
+                table = pq.read_table(handle, use_threads=False)
+                rows = [r for r in table.to_pylist() if r["split"] == split]
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{base}/{SHARD_TABLE}: unreadable ({exc})") from None
         if not rows:
