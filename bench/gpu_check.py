@@ -3,7 +3,8 @@
     python bench/gpu_check.py correctness      # exits 1 if a check fails
     python bench/gpu_check.py throughput [--sizes esm2_150M esm2_650M] [--tokens 16384]
 
-correctness — on real sequences (data/demo_4k.fasta), ESM-2 and ESM-1b with random weights:
+correctness — on real sequences (data/demo_4k.fasta), ESM-2 and ESM-1b with random weights
+(and `fast_paths`: bf16 compute weights vs autocast, compiled vs eager, no recompilation):
 - fp32 on the GPU against fp32 on the CPU (padded), and the packed layout against the padded
   one on the GPU (fp32: SDPA per sequence of the pack);
 - bf16: the packed varlen flash path and the padded SDPA path, each against the fp32 result
@@ -188,6 +189,73 @@ def step_without_syncs() -> bool:
     return ok
 
 
+def _engine(*overrides: str, tokens: int = 8192):
+    from esmdist.config import load_config
+    from esmdist.parallel.distributed import DistInfo
+    from esmdist.train import engine_for
+
+    config = load_config(None, ["--model.size=esm2_8M", "--parallel.backend=single",
+                                "--train.dtype=bf16", f"--data.max_tokens={tokens}",
+                                f"--train.tokens_per_step={2 * tokens}", *overrides])  # fmt: skip
+    return engine_for(config, DistInfo(0, 1, 0, torch.device("cuda")))
+
+
+def _train(engine, batches: list) -> tuple[list[float], torch.Tensor]:
+    """Steps of two micro-batches: the losses, then the parameters flattened."""
+    from esmdist.train import masked_lm_loss
+
+    losses = []
+    for start in range(0, len(batches), 2):
+        for index, batch in enumerate(batches[start : start + 2]):
+            loss = masked_lm_loss(engine, batch, torch.device("cuda"))
+            losses.append(loss.item())
+            engine.backward(loss / batch.targets.numel(), last=index == 1)
+        engine.step()
+    return losses, torch.cat([v.flatten().float() for v in engine.full_state_dict().values()])
+
+
+def fast_paths() -> bool:
+    """The GPU-speed paths against the plain ones, on real batches of four different lengths
+    (esm2_8M, bf16, two steps of two micro-batches): bf16 compute weights against autocast
+    (the same arithmetic: equal up to the GPU's own run-to-run differences); compiled blocks
+    (varlen attention inside the graph) against eager, and no graph compiled after the
+    warm-up, whatever the batch's length."""
+    from esmdist.parallel.compile import graphs_compiled, warm_up
+
+    batches = [batch_up_to(tokens, seed=3).pin_memory() for tokens in (8192, 6000, 7100, 4096)]
+    row = {}
+    torch.manual_seed(0)
+    autocast = _train(_engine("--train.compile=false", "--parallel.low_precision_weights=false"),
+                      batches)  # fmt: skip
+    copy = _train(_engine("--train.compile=false"), batches)
+    row["bf16 weights vs autocast: max |Δ loss|"] = max(
+        abs(a - b) for a, b in zip(copy[0], autocast[0], strict=True)
+    )
+    row["bf16 weights vs autocast: parameters, relative"] = (
+        (copy[1] - autocast[1]).norm() / autocast[1].norm()
+    ).item()
+    compiled_engine = _engine("--train.compile=true")
+    found = warm_up(compiled_engine, torch.device("cuda"), inference=True)
+    compiled = _train(compiled_engine, batches)
+    row["compile warm-up"] = {"seconds": found.seconds, "graphs": found.graphs,
+                              "failure": found.failure}  # fmt: skip
+    row["graphs compiled after the warm-up"] = graphs_compiled() - found.graphs
+    row["compiled vs eager: max |Δ loss| / loss"] = max(
+        abs(a - b) / b for a, b in zip(compiled[0], copy[0], strict=True)
+    )
+    row["compiled vs eager: parameters, relative"] = (
+        (compiled[1] - copy[1]).norm() / copy[1].norm()
+    ).item()
+    ok = (row["bf16 weights vs autocast: max |Δ loss|"] <= 1e-3 * abs(autocast[0][0])
+          and row["bf16 weights vs autocast: parameters, relative"] < 1e-4
+          and not found.failure and row["graphs compiled after the warm-up"] == 0
+          and row["compiled vs eager: max |Δ loss| / loss"] < 0.01
+          and row["compiled vs eager: parameters, relative"] < 0.01)  # fmt: skip
+    row["passed"] = ok
+    print(json.dumps({"fast paths": row}, indent=1))
+    return ok
+
+
 def time_steps(engine, tokens, cu_seqlens, selected, targets, steps: int) -> float:
     """Seconds per training step (3 warm-up steps first)."""
 
@@ -221,7 +289,8 @@ def throughput(sizes: list[str], tokens: int, steps: int) -> list[dict]:
     for size in sizes:
         config = load_config(None, [f"--model.size={size}", "--parallel.backend=single",
                                     "--train.dtype=bf16", f"--data.max_tokens={tokens}",
-                                    f"--train.tokens_per_step={tokens}"])  # fmt: skip
+                                    f"--train.tokens_per_step={tokens}",
+                                    "--train.compile=false"])  # fmt: skip
         model_config = MODEL_SIZES[size]
         engine = engine_for(config, DistInfo(0, 1, 0, cuda))
         flops = batch_flops(model_config, batch.cu_seqlens.diff(), int(batch.selected.sum()))
@@ -274,6 +343,7 @@ def main() -> None:
           f"varlen kernel available: {attention.varlen_attn is not None}")  # fmt: skip
     if args.what == "correctness":
         passed = correctness()
+        passed &= fast_paths()
         sys.exit(0 if step_without_syncs() and passed else 1)
     rows = throughput(args.sizes, args.tokens, args.steps)
     if args.out:

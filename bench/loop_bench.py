@@ -52,19 +52,26 @@ def shard(out: Path) -> Path:
 def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> list[dict]:
     """The logged training records (loss, tokens/s, MFU where the device's peak is known) of
     one training run from checkout `tree`."""
-    backend = "single" if args.world == 1 else args.backend
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    overrides = [
-        "--config", str(tree / "configs/debug-cpu.toml"), f"--model.size={args.model}",
-        f"--data.path={shards}", f"--data.max_tokens={args.tokens}",
-        f"--data.crop_length={args.crop}", f"--data.num_workers={args.workers}",
-        f"--train.tokens_per_step={args.tokens * args.world}", f"--train.max_steps={args.steps}",
-        f"--train.log_every={args.log_every}", "--train.valid_every=0", "--checkpoint.every=0",
-        f"--train.output_dir={out}", f"--parallel.backend={backend}", f"--train.dtype={dtype}",
-        f"--train.compile={str(args.compile).lower()}", "--optim.lr=4e-4",
-        f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-        f"--optim.warmup_steps={max(1, args.steps // 4)}", *args.set,
-    ]  # fmt: skip
+    run = [f"--data.path={shards}", f"--data.num_workers={args.workers}",
+           f"--train.max_steps={args.steps}", f"--train.log_every={args.log_every}",
+           "--train.valid_every=0", "--checkpoint.every=0", f"--train.output_dir={out}",
+           "--log.wandb=false", f"--optim.warmup_steps={max(1, args.steps // 4)}"]  # fmt: skip
+    if args.shipped:  # the size's own config, as a user runs it; the bench's step size
+        overrides = ["--config", str(tree / f"configs/{args.model}.toml"), *run,
+                     f"--train.tokens_per_step={args.step_tokens}"]  # fmt: skip
+    else:
+        backend = "single" if args.world == 1 else args.backend
+        dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+        overrides = [
+            "--config", str(tree / "configs/debug-cpu.toml"), f"--model.size={args.model}", *run,
+            f"--data.max_tokens={args.tokens}", f"--data.crop_length={args.crop}",
+            f"--train.tokens_per_step={args.tokens * args.world}", f"--parallel.backend={backend}",
+            f"--train.dtype={dtype}", "--optim.lr=4e-4",
+            f"--train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        ]  # fmt: skip
+        if args.compile != "auto":  # a checkout from before "auto" takes only true/false
+            overrides.append(f"--train.compile={args.compile}")
+    overrides += args.set
     launcher = [sys.executable, str(tree / "launcher/pretrain.py")]
     if args.world > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -87,6 +94,22 @@ def run_loop(tree: Path, args: argparse.Namespace, shards: Path, out: Path) -> l
     return [r for r in records if "tokens_per_s" in r]
 
 
+def run_facts(records: list[dict], out: Path) -> dict:
+    """What one run resolved and measured besides tokens/s: its micro-batch and recomputation
+    (config.json), the time from its start to the end of its first step, its peak memory, the
+    graphs it compiled after its warm-up."""
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    train = config.get("train", {})
+    facts = {"config": config, "micro_batch": config.get("data", {}).get("max_tokens"),
+             "recompute_every": train.get("recompute_every", 1)
+             if train.get("activation_checkpointing") else 0}  # fmt: skip
+    for key, pick in (("startup_s", min), ("peak_memory_gib", max), ("recompiles", max)):
+        values = [r[key] for r in records if key in r]
+        if values:
+            facts[key] = pick(values)
+    return facts
+
+
 def _records_until(process: subprocess.Popen, metrics: Path, last_step: int) -> list | None:
     """The metrics records once step `last_step` is logged — then the run is killed: its final
     checkpoint and export (minutes at 3B) are not what is measured. None if it fails first."""
@@ -103,9 +126,10 @@ def _records_until(process: subprocess.Popen, metrics: Path, last_step: int) -> 
         time.sleep(0.5)
 
 
-def step_level(args: argparse.Namespace, shards: Path) -> float:
+def step_level(args: argparse.Namespace, shards: Path, resolved: dict) -> float:
     """Real tokens/s of the engine's step alone (bench/train_bench.py's), median of rounds, on
-    the first batches the trainer's own loader makes of the same shards (same data config)."""
+    the first batches the trainer's own loader makes of the same shards, with the run's
+    resolved config (`resolved`, its config.json: micro-batch, recomputation, dtype, compile)."""
     sys.path.insert(0, str(REPO / "bench"))
     import torch
     from train_bench import Esmdist, timed
@@ -113,14 +137,18 @@ def step_level(args: argparse.Namespace, shards: Path) -> float:
     from esmdist.data.stream import DataConfig, ShardSet, TrainLoader
 
     device = torch.device(args.device)
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ours = Esmdist(args.model, device, dtype, args.tokens, args.compile,
-                   args.activation_checkpointing)  # fmt: skip
-    data = DataConfig(path=str(shards), max_tokens=args.tokens, crop_length=args.crop,
+    data, train = resolved["data"], resolved["train"]
+    tokens = data["max_tokens"]
+    ours = Esmdist(resolved["model"]["size"], device, train["dtype"], tokens, train["compile"],
+                   train["activation_checkpointing"],
+                   overrides=(f"--train.recompute_every={train['recompute_every']}",
+                              *(f"--parallel.{k}={v}" for k, v in resolved["parallel"].items()
+                                if k in ("low_precision_weights",))))  # fmt: skip
+    data = DataConfig(path=str(shards), max_tokens=tokens, crop_length=data["crop_length"],
                       num_workers=0)  # fmt: skip
     loader = iter(TrainLoader(ShardSet.open(str(shards), "train"), data,
                               pin_memory=device.type == "cuda"))  # fmt: skip
-    batches = [next(loader) for _ in range(args.log_every)]
+    batches = [next(loader) for _ in range(max(args.log_every, 4))]
     real = sum(b.num_tokens for b in batches) / len(batches)
     timed(ours, batches, device)  # warm-up (and compilation)
     return statistics.median(real / timed(ours, batches, device) for _ in range(args.rounds))
@@ -164,8 +192,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each checkout")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="true", default="auto",
+                        choices=["auto", "true", "false"], help="train.compile (default auto)")  # fmt: skip
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--shipped", action="store_true",
+                        help="run configs/MODEL.toml as it is (micro-batch, recomputation, "
+                        "backend, dtype), but for the data, the steps and --step-tokens")  # fmt: skip
+    parser.add_argument("--step-tokens", type=int, default=262144,
+                        help="with --shipped: train.tokens_per_step (the configs' 2M are "
+                        "minutes per step on one GPU)")  # fmt: skip
     parser.add_argument("--compare", type=Path, help="another checkout of esmdist (the baseline)")
     parser.add_argument("--step-level", action="store_true")
     parser.add_argument("--loss-check", action="store_true", help="with --compare: loss curves")
@@ -179,20 +214,25 @@ def main() -> None:
     trees = {"this": REPO, **({"baseline": args.compare.resolve()} if args.compare else {})}
     windows: dict[str, list[dict]] = {name: [] for name in trees}
     curves: dict[str, list[dict]] = {}  # the last run's records of each checkout
+    runs: dict[str, list[dict]] = {name: [] for name in trees}  # start-up, memory, recompiles
     # Not a TemporaryDirectory: a killed run's last processes may still be going at its end.
     scratch = Path(tempfile.mkdtemp(prefix="loop_bench-"))
     try:
         shards = shard(scratch)
         for round_number in range(args.rounds):
             for name, tree in trees.items():
-                found = run_loop(tree, args, shards, scratch / f"{name}-{round_number}")
+                out = scratch / f"{name}-{round_number}"
+                found = run_loop(tree, args, shards, out)
                 windows[name] += found[1:]  # the first window warms up (and compiles)
                 curves[name] = found
+                runs[name].append(run_facts(found, out))
+                facts = runs[name][-1]
                 print(f"  run {round_number + 1}, {name}: "
-                      f"{statistics.median(w['tokens_per_s'] for w in found[1:]):,.0f} tokens/s",
+                      f"{statistics.median(w['tokens_per_s'] for w in found[1:]):,.0f} tokens/s; "
+                      + ", ".join(f"{k} {v}" for k, v in facts.items() if k != "config"),
                       flush=True)  # fmt: skip
         if args.step_level and args.world == 1:
-            step_alone = step_level(args, shards)
+            step_alone = step_level(args, shards, runs["this"][-1]["config"])
         if args.loss_check:
             losses = loss_check(args, shards, scratch, curves)
     finally:
@@ -203,6 +243,7 @@ def main() -> None:
           f"and step, {args.rounds} run(s) of {args.steps} steps each (medians of the logged "
           "windows after the first):")  # fmt: skip
     for name, tree in trees.items():
+        result[f"{name}_runs"] = [{k: v for k, v in r.items() if k != "config"} for r in runs[name]]
         result[name] = statistics.median(w["tokens_per_s"] for w in windows[name])
         mfu = [w["mfu"] for w in windows[name] if "mfu" in w]
         if mfu:

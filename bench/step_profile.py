@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import Esmdist, real_batches, synchronize
+from train_bench import Esmdist, add_compile_argument, real_batches, synchronize
 
 from esmdist.model.config import MODEL_SIZES
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after 3 warm-up)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true", help="esmdist's train.compile")
+    add_compile_argument(parser)
     parser.add_argument("--top", type=int, default=15, help="entries listed")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()

@@ -2,17 +2,25 @@
 real sequences, same weights, same optimizer and tokens per step, alternately in one process.
 
     python bench/train_bench.py --model esm2_8M --device cpu [--tokens 4096] [--rounds 5]
-    python bench/train_bench.py --model esm2_650M --device cuda [--tokens 16384] [--compile]
+    python bench/train_bench.py --model esm2_650M --device cuda --tokens 65536 [--compile false]
     python bench/train_bench.py --memory --model esm2_8M [--tokens 8192]   # peak vs crop length
 
 Batches: real sequences of data/demo_4k.fasta (UniRef-like lengths), cropped to 1,022 residues,
 drawn until `--tokens` real tokens (with <cls>/<eos>) per step; 15% masked (80/10/10). esmdist
-runs its engine's step (packed, masked positions only through the LM head); HF the same
-sequences padded to the batch's longest with its `sdpa` attention and its own loss (labels
--100 off the masked positions), torch's fused AdamW with the same settings (as esmdist's
-engine; HF Trainer's `adamw_torch_fused`). Each round times `--steps` optimizer steps of each
-(device-synchronised; one warm-up round not counted); the median over rounds is reported. Tokens/s count real tokens; TFLOP/s and MFU use
-esmdist.metrics' formula for both, so padding earns HF nothing.
+runs its engine's step (packed, masked positions only through the LM head; compiled on a GPU
+unless `--compile false`, as the trainer does; `--micro-tokens` splits the step into
+micro-batches). HF gets the same sequences padded, with its `sdpa` attention, its own loss
+(labels -100 off the masked positions) and torch's fused AdamW with the same settings (HF
+Trainer's `adamw_torch_fused`), in two settings:
+- grouped: the steps' sequences sorted by length and cut into steps of the same real tokens
+  (what HF Trainer's `group_by_length` aims at: little padding) — HF's best setting;
+- random: each step's sequences as drawn, padded to the longest (HF Trainer's default).
+Each HF step runs as micro-batches (gradient accumulation) of at most `--hf-micro-tokens`
+padded tokens; "auto" tries the whole step, then halves, until one runs without running out of
+memory — the largest micro-batch that fits, per setting. Each round times `--steps` optimizer
+steps of each (device-synchronised; one warm-up round not counted); the median over rounds is
+reported. Tokens/s count real tokens; TFLOP/s and MFU use esmdist.metrics' formula for all,
+so padding earns HF nothing.
 
 `--memory`: esmdist's peak training memory per token at crop lengths 1,024 / 2,048 / 4,096 with
 the same tokens per (packed) micro-batch: the longest bundled sequences cropped to the length,
@@ -23,6 +31,7 @@ the smallest batch; GPU: torch's peak allocated).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -68,10 +77,11 @@ def synchronize(device: torch.device) -> None:
 class Esmdist:
     name = "esmdist (packed)"
 
-    def __init__(self, size: str, device: torch.device, dtype: str, tokens: int, compile: bool,
+    def __init__(self, size: str, device: torch.device, dtype: str, tokens: int, compile: str,
                  checkpointing: bool = False, info=None, overrides: tuple[str, ...] = ()):  # fmt: skip
         """One process (`single`) unless `info` (a DistInfo) and `overrides` (config keys, after
-        these: the backend, tokens per step) say otherwise."""
+        these: the backend, tokens per step) say otherwise; `compile`: train.compile (auto,
+        true, false)."""
         from esmdist.config import load_config
         from esmdist.parallel.distributed import DistInfo
         from esmdist.train import engine_for
@@ -79,7 +89,7 @@ class Esmdist:
         config = load_config(None, [f"--model.size={size}", "--parallel.backend=single",
                                     f"--train.dtype={dtype}", f"--data.max_tokens={tokens}",
                                     f"--train.tokens_per_step={tokens}",
-                                    f"--train.compile={str(compile).lower()}",
+                                    f"--train.compile={compile}",
                                     f"--train.activation_checkpointing={str(checkpointing).lower()}",
                                     *overrides])  # fmt: skip
         self.config = config
@@ -119,32 +129,100 @@ class HuggingFace:
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16")
         self.device = device
 
-    def step(self, batch) -> None:
-        tokens, labels = batch
-        with self.autocast:
-            loss = self.model(input_ids=tokens, attention_mask=tokens.ne(alphabet.PAD),
-                              labels=labels).loss  # fmt: skip
-        loss.backward()
+    def step(self, *micro_batches: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """One optimizer step over padded micro-batches (tokens, labels): HF's loss is the mean
+        over a micro-batch's masked tokens, weighted here by its share of the step's."""
+        masked = sum(int(labels.ne(-100).sum()) for _, labels in micro_batches)
+        for tokens, labels in micro_batches:
+            with self.autocast:
+                loss = self.model(input_ids=tokens, attention_mask=tokens.ne(alphabet.PAD),
+                                  labels=labels).loss  # fmt: skip
+            (loss * (int(labels.ne(-100).sum()) / masked)).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def padded(batch: PackedBatch, device: torch.device):
-    tokens, selected = batch.to_padded()
-    labels = torch.full_like(tokens, -100)
-    labels[selected] = batch.targets
+def sequences_of(batch: PackedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each sequence of a packed batch: (tokens, labels with -100 off the masked positions)."""
+    labels = torch.full_like(batch.tokens, -100)
+    labels[batch.selected] = batch.targets
+    bounds = batch.cu_seqlens.tolist()
+    return [(batch.tokens[a:b], labels[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def hf_steps(our_steps: list[list[PackedBatch]], grouped: bool, micro_tokens: int,
+             device: torch.device) -> list[list]:  # fmt: skip
+    """HF's steps over the same sequences as esmdist's steps (grouped: sorted by length and
+    re-cut into steps of the same real tokens), each step as padded micro-batches of at most
+    `micro_tokens` padded tokens (one sequence at least)."""
+    steps = [[s for b in step for s in sequences_of(b)] for step in our_steps]
+    if grouped:
+        pool = sorted((s for step in steps for s in step), key=lambda s: len(s[0]), reverse=True)
+        sizes, steps = [sum(b.num_tokens for b in step) for step in our_steps], []
+        for size in sizes:
+            step, total = [], 0
+            while pool and (not step or total + len(pool[0][0]) <= size):
+                total += len(pool[0][0])
+                step.append(pool.pop(0))
+            steps.append(step)
+    out = []
+    for step in steps:
+        step = sorted(step, key=lambda s: len(s[0]), reverse=True) if grouped else step
+        micro, rows = [], []
+        for sequence in step:
+            width = max(len(r[0]) for r in [*rows, sequence])
+            if rows and width * (len(rows) + 1) > micro_tokens:
+                micro.append(_padded(rows, device))
+                rows = []
+            rows.append(sequence)
+        micro.append(_padded(rows, device))
+        out.append(micro)
+    return out
+
+
+def _padded(rows: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.nn.utils.rnn.pad_sequence([r[0] for r in rows], batch_first=True,
+                                             padding_value=alphabet.PAD)  # fmt: skip
+    labels = torch.nn.utils.rnn.pad_sequence([r[1] for r in rows], batch_first=True,
+                                             padding_value=-100)  # fmt: skip
     return tokens.to(device), labels.to(device)
 
 
+def largest_fitting(hf: HuggingFace, our_steps: list[list[PackedBatch]], grouped: bool,
+                    start: int, device: torch.device) -> tuple[int, list]:  # fmt: skip
+    """The largest micro-batch (padded tokens: `start`, then halved) with which HF's steps
+    run without running out of memory, and those steps (each tried once)."""
+    micro = start
+    while True:
+        steps = hf_steps(our_steps, grouped, micro, device)
+        try:
+            for step in steps:
+                hf.step(*step)
+            synchronize(device)
+            return micro, steps
+        except torch.OutOfMemoryError:
+            hf.optimizer.zero_grad(set_to_none=True)
+            del steps
+            torch.cuda.empty_cache()
+            if micro <= 1024:
+                raise
+            micro //= 2
+
+
 def timed(runner, batches: list, device: torch.device) -> float:
-    """Seconds per step over `batches`."""
+    """Seconds per step over `batches`, one micro-batch a step."""
+    return timed_steps(runner.step, [[b] for b in batches], device)
+
+
+def timed_steps(step, steps: list[list], device: torch.device) -> float:
+    """Seconds per optimizer step, `step(*micro_batches)` of each of `steps`."""
     synchronize(device)
     start = time.perf_counter()
-    for batch in batches:
-        runner.step(batch)
+    for micro_batches in steps:
+        step(*micro_batches)
     synchronize(device)
-    return (time.perf_counter() - start) / len(batches)
+    return (time.perf_counter() - start) / len(steps)
 
 
 def long_batch(length: int, tokens: int) -> PackedBatch:
@@ -159,12 +237,12 @@ def long_batch(length: int, tokens: int) -> PackedBatch:
 
 
 def peak_memory_at(size: str, device: torch.device, dtype: str, length: int, tokens: int,
-                   checkpointing: bool) -> None:  # fmt: skip
+                   checkpointing: bool, compile: str) -> None:  # fmt: skip
     """In this process: print (bytes of peak growth, tokens) of two steps at crop `length`."""
     import resource
 
     torch.manual_seed(0)
-    ours = Esmdist(size, device, dtype, tokens, False, checkpointing)
+    ours = Esmdist(size, device, dtype, tokens, compile, checkpointing)
     batch = long_batch(length, tokens)
     ours.step(long_batch(128, 256))  # optimizer state and allocator warm, at a small batch
     synchronize(device)
@@ -198,15 +276,16 @@ def saved_bytes(ours: Esmdist, batch: PackedBatch) -> int:
 
 
 def memory_table(size: str, device: torch.device, dtype: str, tokens: int,
-                 checkpointing: bool) -> list[dict]:  # fmt: skip
+                 checkpointing: bool, compile: str) -> list[dict]:  # fmt: skip
     import subprocess
 
     rows = []
     for length in (1024, 2048, 4096):
         extra = ["--activation-checkpointing"] if checkpointing else []
         done = subprocess.run([sys.executable, __file__, "--model", size, "--device", str(device),
-                               "--dtype", dtype, "--tokens", str(tokens), "--memory-at",
-                               str(length), *extra], capture_output=True, text=True, check=True)  # fmt: skip
+                               "--dtype", dtype, "--tokens", str(tokens), "--compile", compile,
+                               "--memory-at", str(length), *extra],
+                              capture_output=True, text=True, check=True)  # fmt: skip
         grown, saved, real = (int(v) for v in done.stdout.split()[-3:])
         rows.append({"crop": length, "tokens": real, "peak_gib": grown / 2**30,
                      "kib_per_token": grown / real / 1024,
@@ -222,8 +301,14 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per round and side")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true", help="esmdist's train.compile")
+    add_compile_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the result here (rank 0)")
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const="true", default="auto",
+                        choices=["auto", "true", "false"],
+                        help="esmdist's train.compile (default auto: on a GPU; --compile: true)")  # fmt: skip
 
 
 def main() -> None:
@@ -231,6 +316,11 @@ def main() -> None:
     parser.add_argument("--model", default="esm2_8M", choices=list(MODEL_SIZES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=4096, help="real tokens per step")
+    parser.add_argument(
+        "--micro-tokens", type=int, help="esmdist's micro-batch (default: the step)"
+    )
+    parser.add_argument("--hf-micro-tokens", default="auto",
+                        help="HF's largest padded micro-batch, or auto (the largest that fits)")  # fmt: skip
     add_timing_arguments(parser)
     parser.add_argument("--memory", action="store_true", help="peak memory vs crop length")
     parser.add_argument("--memory-at", type=int, help=argparse.SUPPRESS)
@@ -240,52 +330,72 @@ def main() -> None:
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if args.memory_at:
         return peak_memory_at(args.model, device, dtype, args.memory_at, args.tokens,
-                              args.activation_checkpointing)  # fmt: skip
+                              args.activation_checkpointing, args.compile)  # fmt: skip
     if args.memory:
         print(f"{args.model} on {device}, {dtype}, {args.tokens} tokens per micro-batch, "
-              f"activation checkpointing {args.activation_checkpointing}:")  # fmt: skip
-        rows = memory_table(args.model, device, dtype, args.tokens, args.activation_checkpointing)
+              f"activation checkpointing {args.activation_checkpointing}, compile {args.compile}:")  # fmt: skip
+        rows = memory_table(args.model, device, dtype, args.tokens, args.activation_checkpointing,
+                            args.compile)  # fmt: skip
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         return None
+    result = against_hf(args, device, dtype)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return None
+
+
+def against_hf(args: argparse.Namespace, device: torch.device, dtype: str) -> dict:
+    """esmdist's steps and HF's (grouped and random) alternately; the medians and ratios."""
     from esmdist.metrics import batch_flops, peak_tflops
 
+    micro = args.micro_tokens or args.tokens
+    per_step = max(1, args.tokens // micro)
     torch.manual_seed(0)
-    ours = Esmdist(args.model, device, dtype, args.tokens, args.compile)
+    ours = Esmdist(args.model, device, dtype, micro, args.compile,
+                   overrides=(f"--train.tokens_per_step={micro * per_step}",))  # fmt: skip
     theirs = HuggingFace(ours, device, dtype)
-    batches = real_batches(args.tokens, args.steps, seed=1)
+    batches = real_batches(micro, args.steps * per_step, seed=1)
     host = [b.pin_memory() if device.type == "cuda" else b for b in batches]
-    hf_batches = [padded(b, device) for b in batches]
-    real = sum(b.num_tokens for b in batches) / len(batches)
-    pad = sum(t.numel() for t, _ in hf_batches) / len(hf_batches)
-    flops = statistics.mean(batch_flops(MODEL_SIZES[args.model], b.cu_seqlens.diff(),
-                                        int(b.selected.sum())) for b in batches)  # fmt: skip
-    peak = peak_tflops(0.0, dtype, device)
-    seconds: dict[str, list[float]] = {ours.name: [], theirs.name: []}
-    for round_number in range(args.rounds + 1):  # round 0 warms up (and compiles)
-        for runner, data in ((ours, host), (theirs, hf_batches)):
-            took = timed(runner, data, device)
-            if round_number:
-                seconds[runner.name].append(took)
-    print(f"{args.model} on {device} ({torch.get_num_threads()} threads), {dtype}, "
-          f"{real:,.0f} real tokens per step ({pad:,.0f} padded for HF), {args.rounds} rounds "
-          f"of {args.steps} steps, medians:")  # fmt: skip
+    our_steps = [host[i * per_step : (i + 1) * per_step] for i in range(args.steps)]
+    real = sum(b.num_tokens for b in batches) / args.steps
+    flops = sum(batch_flops(MODEL_SIZES[args.model], b.cu_seqlens.diff(),
+                            int(b.selected.sum())) for b in batches) / args.steps  # fmt: skip
+    runners = {ours.name: (ours.step, our_steps)}
     result = {"model": args.model, "device": str(device), "dtype": dtype, "real_tokens": real,
-              "padded_tokens": pad, "compile": args.compile}  # fmt: skip
+              "micro_tokens": micro, "compile": args.compile}  # fmt: skip
+    for grouped, name in ((True, "HF grouped by length"), (False, "HF random batches")):
+        start = int(args.hf_micro_tokens) if args.hf_micro_tokens != "auto" else 4 * args.tokens
+        fitting, steps = largest_fitting(theirs, our_steps, grouped, start, device)
+        padded = sum(t.numel() for step in steps for t, _ in step) / len(steps)
+        result[name] = {"micro_tokens": fitting, "padded_tokens": padded}
+        runners[name] = (theirs.step, steps)
+        print(f"  {name}: micro-batches of at most {fitting:,} padded tokens, {padded:,.0f} "
+              f"padded tokens per step for {real:,.0f} real")  # fmt: skip
+    peak = peak_tflops(0.0, dtype, device)
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for round_number in range(args.rounds + 1):  # round 0 warms up (and compiles)
+        for name, (step, data) in runners.items():
+            took = timed_steps(step, data, device)
+            if round_number:
+                seconds[name].append(took)
+    print(f"{args.model} on {device} ({torch.get_num_threads()} threads), {dtype}, "
+          f"{real:,.0f} real tokens per step, esmdist micro-batches of {micro:,}, compile "
+          f"{args.compile}; {args.rounds} rounds of {args.steps} steps, medians:")  # fmt: skip
     for name, times in seconds.items():
         step = statistics.median(times)
         tflops = flops / step / 1e12
         mfu = f", MFU {tflops / peak:.1%}" if peak else ""
         print(f"  {name:<34} {1000 * step:8.1f} ms/step  {real / step:10,.0f} tokens/s  "
               f"{tflops:.4f} TFLOP/s{mfu}")  # fmt: skip
-        result[name] = {"step_s": step, "tokens_per_s": real / step, "tflops": tflops,
-                        "mfu": tflops / peak if peak else None}  # fmt: skip
-    ratio = statistics.median(seconds[theirs.name]) / statistics.median(seconds[ours.name])
-    per_round = [h / e for h, e in zip(seconds[theirs.name], seconds[ours.name], strict=True)]
-    print(f"esmdist vs HF: {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in per_round)})")
-    result["ratio"] = ratio
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        result.setdefault(name, {}).update(step_s=step, tokens_per_s=real / step, tflops=tflops,
+                                           mfu=tflops / peak if peak else None)  # fmt: skip
+    for name in list(runners)[1:]:
+        ratio = statistics.median(seconds[name]) / statistics.median(seconds[ours.name])
+        result[name]["ratio"] = ratio
+        print(f"esmdist vs {name}: {ratio:.2f}x")
+    result["ratio"] = result["HF grouped by length"]["ratio"]
+    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training metrics: the one FLOPs formula, MFU, and the console / JSONL / wandb sinks.
+"""Training metrics: the one FLOPs formula, MFU, the console / JSONL / wandb sinks, and a
+step's outcome read from the device a step late (`StepResult`).
 
 Training FLOPs (forward + backward) of one packed batch, written down once:
 
@@ -120,3 +121,27 @@ def _wandb_key_configured() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class StepResult:
+    """One step's loss, gradient norm and whether it was applied, copied from the device
+    without waiting; `read()` waits for this step's work only, not for what was queued after
+    it, so the loop can read a step late and keep the device busy. `stop`: whether any rank
+    was asked to stop (agreed before the step began)."""
+
+    def __init__(self, step: int, values: list[torch.Tensor], stop: bool):
+        self.step, self.stop = step, stop
+        device = values[0].device
+        self._host, self._ready = torch.stack([v.to(device, torch.float64) for v in values]), None
+        if device.type == "cuda":  # into pinned memory: a copy that does not wait
+            on_device, self._host = self._host, torch.empty(3, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(on_device, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def read(self) -> tuple[float, float, bool]:
+        """(loss, gradient norm, applied); a step not applied has a NaN loss."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        loss, norm, applied = self._host.tolist()
+        return (loss if applied else math.nan), norm, bool(applied)

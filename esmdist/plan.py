@@ -44,6 +44,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from esmdist.config import JobConfig
 from esmdist.metrics import block_params
 from esmdist.model import ModelConfig
 
@@ -51,8 +52,10 @@ ACTIVATION_VALUES = 17
 """Values saved per layer, per token, per unit of width (measured, see the module text)."""
 OUTSIDE_VALUES = 1.5
 """The same outside the blocks (embedding output, final LayerNorm), fitted on the same runs."""
-BF16_BYTES_PER_VALUE = 52 / 68 * 4
-"""Average bytes per saved value under bf16 autocast (estimated: 12 of 17 values bf16)."""
+BF16_BYTES_PER_VALUE = 2.45
+"""Average bytes per saved value in bf16: 650M on an H200 saved 1.76 MB per token without
+recomputation (bench/train_bench.py --memory, 2026-12-04), 17 values × 1,280 × 33 layers at
+2.45 bytes each (most are bf16; LayerNorm statistics and the rotary inputs fp32)."""
 EFFECTIVE_LENGTH = 385.0
 """Σs²/Σs over data/demo_4k.fasta cropped at 1,024 tokens: the attention term's length."""
 MEAN_LENGTH = 270.5
@@ -90,6 +93,8 @@ class Setup:
     """DeepSpeed: ZeRO's overlap_comm (parallel.overlap_comm)."""
     bucket_elements: int = 200_000_000
     """DeepSpeed: elements per reduction bucket (parallel.bucket_elements)."""
+    low_precision_weights: bool = True
+    """single in bf16: bf16 compute copies of the matmul weights (parallel.low_precision_weights)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -139,9 +144,11 @@ def state_bytes(setup: Setup) -> dict[str, float]:
     p, n, block = setup.model.num_params(), setup.gpus, _block(setup)
     kind = setup.sharding
     if kind == "none":
-        buckets = 4.0 * p if setup.backend == "ddp" and n > 1 else 0.0
+        buffers = 4.0 * p if setup.backend == "ddp" and n > 1 else 0.0
+        if setup.backend == "single" and setup.dtype == "bf16" and setup.low_precision_weights:
+            buffers += 2.0 * block_params(setup.model)  # the bf16 compute copy
         return {"parameters": 4.0 * p, "gradients": 4.0 * p, "optimizer": 8.0 * p,
-                "buffers": buckets}  # fmt: skip
+                "buffers": buffers}  # fmt: skip
     if setup.backend == "fsdp":
         accumulated = 4.0 * p if setup.accumulation > 1 else 0.0
         return {"parameters": 4.0 * p / n, "gradients": 4.0 * p / n + accumulated,
@@ -167,7 +174,9 @@ def activation_bytes(setup: Setup) -> dict[str, float]:
     recomputed = -(-layers // setup.recompute_every) if setup.activation_checkpointing else 0
     kept = recomputed * config.embed_dim * tokens * per_value + (layers - recomputed) * per_block
     head = 0.15 * tokens * (3 * config.embed_dim + 2 * config.vocab_size) * 4.0
-    saved = kept + OUTSIDE_VALUES * config.embed_dim * tokens * 4
+    # Each block not recomputed also keeps its joined q/k/v weight (3E², compute dtype).
+    joined = (layers - recomputed) * 3 * config.embed_dim**2 * (2.0 if per_value < 4 else 4.0)
+    saved = kept + joined + OUTSIDE_VALUES * config.embed_dim * tokens * 4
     return {"activations": saved + head, "transient": per_block}
 
 
@@ -249,6 +258,86 @@ def largest_micro_batch(setup: Setup, step: int = 1024) -> int:
         if plan(replace(setup, tokens_per_gpu=units * step)).fits:
             return units * step
     return 0
+
+
+MIN_EFFICIENT_MICRO_BATCH = 16384
+"""Tokens per micro-batch below which a GPU runs well under its speed: 650M on an H200 reached
+10.9% MFU at 4,096 tokens, 27% at 16,384 (2026-12-04). Recomputation (a third more compute
+when every block recomputes) is turned on only when no micro-batch this large fits without."""
+AUTO_MICRO_BATCH_CAP = 262144
+"""The largest micro-batch `data.max_tokens = "auto"` picks: past it a small model is no
+faster, and the loader's packing of one batch grows with it."""
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens: int
+    recompute_every: int
+    """0: no recomputation."""
+    reason: str
+
+
+def auto_micro_batch(setup: Setup, crop_length: int, recompute_every: int = 0) -> MicroBatch:
+    """`data.max_tokens = "auto"`: the largest micro-batch (tokens per GPU; one that divides
+    the step's tokens per GPU and holds a whole cropped sequence, at most
+    `AUTO_MICRO_BATCH_CAP`) with which `setup` fits its GPU. Recomputation as asked
+    (`recompute_every` > 0), or else only where needed: none, if a micro-batch of
+    `MIN_EFFICIENT_MICRO_BATCH` tokens (or the whole step's share) fits without; else every
+    other block, else every block. ValueError if nothing fits."""
+    per_gpu = setup.tokens_per_step // setup.gpus
+    if per_gpu * setup.gpus != setup.tokens_per_step:
+        raise ValueError(f"train.tokens_per_step ({setup.tokens_per_step}) must be a multiple of "
+                         f"the world size ({setup.gpus})")  # fmt: skip
+    sizes = [per_gpu // k for k in range(1, per_gpu // crop_length + 1)
+             if per_gpu % k == 0 and per_gpu // k <= AUTO_MICRO_BATCH_CAP]  # fmt: skip
+    options = [recompute_every] if recompute_every else [0, 2, 1]
+    wanted = min(MIN_EFFICIENT_MICRO_BATCH, per_gpu)
+    for every in options:
+        trial = replace(setup, activation_checkpointing=every > 0, recompute_every=max(1, every))
+        fitting = [m for m in sizes if plan(replace(trial, tokens_per_gpu=m)).fits]
+        if fitting and (fitting[0] >= wanted or every == options[-1]):
+            recompute = f"recomputing every {every} block(s)" if every else "no recomputation"
+            return MicroBatch(fitting[0], every, f"{fitting[0]:,} tokens per micro-batch, "
+                              f"{recompute}: the largest that fits {setup.gpu_memory / 1e9:.0f} GB "
+                              "(esmdist plan's memory model)")  # fmt: skip
+    raise ValueError(f"data.max_tokens = auto: no micro-batch of at least {crop_length} tokens "
+                     f"(data.crop_length) that divides the {per_gpu:,} tokens per GPU and step "
+                     f"fits in {setup.gpu_memory / 1e9:.0f} GB, even recomputing every block; "
+                     "shard the model (parallel.backend fsdp or deepspeed ZeRO-3 on more GPUs)")  # fmt: skip
+
+
+CPU_MICRO_BATCH = 16384
+"""`data.max_tokens = "auto"` on a CPU (at most; a divisor of the step's tokens per rank)."""
+
+
+def resolve_micro_batch(config: JobConfig, world_size: int,
+                        gpu_memory: float | None) -> tuple[JobConfig, str]:  # fmt: skip
+    """`config` with `data.max_tokens = "auto"` chosen for `world_size` GPUs of `gpu_memory`
+    free bytes each (None: a CPU run), activation recomputation set as chosen; and the line
+    that says so ("" when max_tokens is a number)."""
+    data, train = config.data, config.train
+    if data.max_tokens != "auto":
+        return config, ""
+    per_rank = train.tokens_per_step // world_size
+    if gpu_memory is None:
+        tokens = max(m for m in range(data.crop_length, min(per_rank, CPU_MICRO_BATCH) + 1)
+                     if per_rank % m == 0)  # fmt: skip
+        chosen = MicroBatch(tokens, train.recompute_every if train.activation_checkpointing else 0,
+                            f"{tokens:,} tokens per micro-batch (on a CPU: at most {CPU_MICRO_BATCH:,})")  # fmt: skip
+    else:
+        parallel = config.parallel
+        setup = Setup(config.model.build(), world_size, gpu_memory,
+                      parallel.engine_backend(world_size), parallel.zero_stage,
+                      tokens_per_step=train.tokens_per_step, dtype=train.dtype,
+                      prefetch_blocks=parallel.prefetch_blocks, overlap_comm=parallel.overlap_comm,
+                      bucket_elements=parallel.bucket_elements,
+                      low_precision_weights=parallel.low_precision_weights)  # fmt: skip
+        asked = train.recompute_every if train.activation_checkpointing else 0
+        chosen = auto_micro_batch(setup, data.crop_length, asked)
+    train = replace(train, activation_checkpointing=chosen.recompute_every > 0,
+                    recompute_every=max(1, chosen.recompute_every))  # fmt: skip
+    resolved = replace(config, data=replace(data, max_tokens=chosen.tokens), train=train)
+    return resolved, f"data.max_tokens = auto: {chosen.reason}"
 
 
 def _recompute(setup: Setup) -> str:

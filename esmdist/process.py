@@ -14,8 +14,23 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 POLL_SECONDS = 0.5
+_IMPORTED = time.monotonic()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (Linux: its start time in /proc; elsewhere: since
+    this module was imported, which a trainer does within its first second)."""
+    try:
+        # Field 22 of /proc/self/stat, in clock ticks since boot; the fields after the
+        # parenthesised command name start at field 3.
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def exit_with_parent(parent: int, cleanup: Callable[[], None] | None = None) -> None:

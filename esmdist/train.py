@@ -16,14 +16,20 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from esmdist.checkpoint import Checkpointer, step_name
-from esmdist.collectives import all_reduce_sum, all_reduce_sum_started, barrier, gather_objects
+from esmdist.collectives import (
+    all_reduce_max,
+    all_reduce_sum,
+    all_reduce_sum_started,
+    barrier,
+    gather_objects,
+)
 from esmdist.config import JobConfig
 from esmdist.data.batch import PackedBatch
 from esmdist.data.stream import (
@@ -36,12 +42,21 @@ from esmdist.data.stream import (
 from esmdist.eval.contact_fit import ContactValidation
 from esmdist.eval.perplexity import masked_perplexity_all_ranks
 from esmdist.export import model_weights, write_final_export
-from esmdist.metrics import MetricsLogger, batch_flops, peak_tflops
+from esmdist.metrics import MetricsLogger, StepResult, batch_flops, peak_tflops
 from esmdist.model import ModelConfig
 from esmdist.optim import build_optimizer, set_schedule_step
 from esmdist.parallel import DistInfo, Engine, EngineSettings, build_engine, init_distributed
+from esmdist.parallel.compile import (
+    WarmUp,
+    graphs_compiled,
+    is_compiled,
+    use_cache_directory,
+    warm_up,
+)
 from esmdist.parallel.engine import load_full_weights
-from esmdist.parallel.prepare import training_model
+from esmdist.parallel.prepare import apply_training_transforms, training_model
+from esmdist.plan import resolve_micro_batch
+from esmdist.process import seconds_since_start
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import PREEMPTED_MARKER
 from esmdist.train_state import TrainState, resumable, rng_state, set_rng_state
@@ -60,21 +75,24 @@ def engine_for(config: JobConfig, info: DistInfo, weights: dict | None = None) -
     FSDP's per-shard initialisation) or from `weights` (a full state dict: model.init_from),
     its training transforms, the parallel wrap, AdamW."""
     parallel, train = config.parallel, config.train
-    on_meta = parallel.backend == "fsdp" and parallel.meta_init
-    model = training_model(
-        config.model.build(), train.seed, info.device, on_meta=on_meta,
-        recompute_every=train.recompute_every if train.activation_checkpointing else 0,
-        compile=train.compile and parallel.backend != "deepspeed",
-    )  # fmt: skip
+    backend = parallel.engine_backend(info.world_size)
+    on_meta = backend == "fsdp" and parallel.meta_init
+    model = training_model(config.model.build(), train.seed, info.device, on_meta=on_meta)
     if weights is not None and not on_meta:
         model.load_state_dict(weights)  # before any wrap: every backend sees the same model
     settings = EngineSettings(train.dtype, config.optim.grad_clip,
                               config.accumulation(info.world_size), train.seed)  # fmt: skip
     make_optimizer = functools.partial(build_optimizer, config.optim, train.max_steps)
-    engine = build_engine(model, parallel, info, settings, make_optimizer)
+    engine = build_engine(model, replace(parallel, backend=backend), info, settings,
+                          make_optimizer)  # fmt: skip
     if weights is not None and on_meta:
         # Sharded as it loads: rank 0's full copy is scattered to the others' shards.
         load_full_weights(engine.model, weights if info.is_main else {})
+    apply_training_transforms(
+        engine.compute_module,
+        recompute_every=train.recompute_every if train.activation_checkpointing else 0,
+        compile=train.compiles(info.device.type, backend),
+    )  # fmt: skip
     return engine
 
 
@@ -88,7 +106,8 @@ def initial_weights(config: JobConfig, info: DistInfo) -> dict | None:
     if info.is_main:
         print(f"initialised from {config.model.init_from} ({source.arch}, "
               f"{source.num_params():,} parameters)", flush=True)  # fmt: skip
-    sharded = config.parallel.backend == "fsdp" and config.parallel.meta_init
+    backend = config.parallel.engine_backend(info.world_size)
+    sharded = backend == "fsdp" and config.parallel.meta_init
     return {} if sharded and not info.is_main else weights
 
 
@@ -106,6 +125,8 @@ class Progress:
     window_steps: int = 0
     window_tokens: int = 0
     window_flops: float = 0.0
+    startup_s: float | None = None
+    """Process start to the end of this attempt's first step; logged once."""
 
 
 @dataclass
@@ -125,6 +146,8 @@ class Run:
     dataset: str
     """The train split's fingerprint, saved with every checkpoint."""
     progress: Progress
+    compiled: WarmUp | None = None
+    """The compile warm-up's outcome (None: the blocks run eagerly)."""
 
     @property
     def accumulation(self) -> int:
@@ -136,30 +159,6 @@ class Run:
             self.logger.close()
         finally:
             self.checkpointer.close()
-
-
-class StepResult:
-    """One step's loss, gradient norm and whether it was applied, copied from the device
-    without waiting; `read()` waits for this step's work only, not for what was queued after
-    it, so the loop can read a step late and keep the device busy. `stop`: whether any rank
-    was asked to stop (agreed before the step began)."""
-
-    def __init__(self, step: int, values: list[torch.Tensor], stop: bool):
-        self.step, self.stop = step, stop
-        device = values[0].device
-        self._host, self._ready = torch.stack([v.to(device, torch.float64) for v in values]), None
-        if device.type == "cuda":  # into pinned memory: a copy that does not wait
-            on_device, self._host = self._host, torch.empty(3, dtype=torch.float64, pin_memory=True)
-            self._host.copy_(on_device, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def read(self) -> tuple[float, float, bool]:
-        """(loss, gradient norm, applied); a step not applied has a NaN loss."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        loss, norm, applied = self._host.tolist()
-        return (loss if applied else math.nan), norm, bool(applied)
 
 
 def train(config: JobConfig) -> tuple[dict, Engine]:
@@ -180,7 +179,7 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
         stop.restore()
 
 
-def _announce(config: JobConfig, info: DistInfo, model_config: ModelConfig) -> None:
+def _announce(config: JobConfig, info: DistInfo, model_config: ModelConfig, chosen: str) -> None:
     if info.world_size > 1:  # every rank: where the job's ranks really run
         print(f"rank {info.rank} of {info.world_size} on {socket.gethostname()} "
               f"(local rank {info.local_rank}, {info.device})", flush=True)  # fmt: skip
@@ -199,6 +198,12 @@ def _announce(config: JobConfig, info: DistInfo, model_config: ModelConfig) -> N
     print(f"resolved config:\n{resolved}", flush=True)
     print(f"world size {info.world_size}, {config.accumulation(info.world_size)} micro-batch(es) "
           f"per rank per step, model {model_config.num_params():,} parameters", flush=True)  # fmt: skip
+    if chosen:
+        print(chosen, flush=True)
+    backend = config.parallel.engine_backend(info.world_size)
+    if backend != config.parallel.backend:
+        print(f"parallel.backend {config.parallel.backend} on one process: trains as single "
+              "(nothing to reduce or shard; the same checkpoint files)", flush=True)  # fmt: skip
 
 
 def _open_data(config: JobConfig, info: DistInfo) -> tuple[ShardSet, ShardSet | None]:
@@ -219,8 +224,13 @@ def setup(config: JobConfig) -> Run:
     restore the checkpoint: a run ready for its next step."""
     info = init_distributed(config.parallel.backend)
     config.check(info.world_size)
+    free = None
+    if info.device.type == "cuda":  # the same choice on every rank: the least free memory of any
+        free = torch.cuda.mem_get_info(info.device)[0]
+        free = -all_reduce_max(torch.tensor([-float(free)], dtype=torch.float64)).item()
+    config, chosen = resolve_micro_batch(config, info.world_size, free)
     model_config = config.model.build()
-    _announce(config, info, model_config)
+    _announce(config, info, model_config, chosen)
     train_shards, valid_shards = _open_data(config, info)
     contacts = (ContactValidation(config.train.valid_contacts, config.train.valid_contacts_fit)
                 if config.train.valid_contacts else None)  # fmt: skip
@@ -242,6 +252,7 @@ def setup(config: JobConfig) -> Run:
             data_resume, run_id = state.data, state.wandb_run_id
             if info.is_main:
                 print(f"resumed from {where} at step {state.step}", flush=True)
+        compiled = _warm_up_compiled(engine, config, info)
         loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume,
                              pin_memory=info.device.type == "cuda")  # fmt: skip
         wandb = {"project": config.log.project, "name": config.log.run_name or None}
@@ -251,7 +262,20 @@ def setup(config: JobConfig) -> Run:
         checkpointer.close()
         raise
     return Run(config, info, model_config, engine, checkpointer, loader, logger, valid_shards,
-               contacts, train_shards.fingerprint, progress)  # fmt: skip
+               contacts, train_shards.fingerprint, progress, compiled)  # fmt: skip
+
+
+def _warm_up_compiled(engine: Engine, config: JobConfig, info: DistInfo) -> WarmUp | None:
+    """Compile the blocks before the first step (esmdist.parallel.compile), with the compiled
+    code cached in train.compile_cache unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    if not is_compiled(engine.compute_module):
+        return None
+    cache = use_cache_directory(config.train.compile_cache_dir)
+    found = warm_up(engine, info.device, inference=config.train.valid_every > 0)
+    if info.is_main and not found.failure:
+        print(f"compiled the blocks in {found.seconds:.1f} s ({found.graphs} graphs; cache "
+              f"{cache})", flush=True)  # fmt: skip
+    return found
 
 
 def loop(run: Run, stop: StopRequest) -> dict:
@@ -260,8 +284,15 @@ def loop(run: Run, stop: StopRequest) -> dict:
     batches = iter(run.loader)
     last: dict = {}
     unread: list[StepResult] = []
-    for step in range(run.progress.step + 1, train.max_steps + 1):
+    first = run.progress.step + 1
+    for step in range(first, train.max_steps + 1):
         result = train_step(run, step, [next(batches) for _ in range(run.accumulation)], stop)
+        if step == first:  # this attempt's first step: the start-up time
+            result.read()
+            run.progress.startup_s = seconds_since_start()
+            if run.info.is_main:
+                print(f"step {step} done {run.progress.startup_s:.1f} s after the process started",
+                      flush=True)  # fmt: skip
         run.progress.window_steps += 1
         # The steps before this one are read now that this one is queued behind them: the host
         # waits for a step it has just queued only where it needs the step's own outcome.
@@ -404,6 +435,10 @@ def _metrics(run: Run, step: int, loss: float, grad_norm: float) -> dict:
         record["mfu"] = record["tflops_per_device"] / peak
     if info.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    if progress.startup_s is not None:
+        record["startup_s"], progress.startup_s = progress.startup_s, None
+    if run.compiled is not None and not run.compiled.failure:
+        record["recompiles"] = graphs_compiled() - run.compiled.graphs
     progress.window_start, progress.window_steps = time.perf_counter(), 0
     progress.window_tokens, progress.window_flops = 0, 0.0
     return record

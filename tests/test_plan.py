@@ -50,7 +50,13 @@ def test_states_split_as_zero_says():
         assert found["optimizer"] == 12 * p / 64
     ddp = state_bytes(setup("esm2_3B", 8, backend="ddp"))
     assert ddp == {"parameters": 4 * p, "gradients": 4 * p, "optimizer": 8 * p, "buffers": 4 * p}
-    assert state_bytes(setup("esm2_3B", 1, backend="single"))["buffers"] == 0
+    # One process in bf16: the bf16 compute copy of the blocks' matmul weights.
+    assert state_bytes(setup("esm2_3B", 1, backend="single"))["buffers"] == 2 * block_params(
+        model_config("esm2_3B")
+    )
+    fp32 = setup("esm2_3B", 1, backend="single", dtype="fp32")
+    assert state_bytes(fp32)["buffers"] == 0
+    assert state_bytes(replace(fp32, dtype="bf16", low_precision_weights=False))["buffers"] == 0
     # FSDP2: 16P sharded; accumulating micro-batches keeps unsharded fp32 gradients (+4P).
     one_micro = setup("esm2_3B", 128, tokens_per_gpu=16384)
     assert one_micro.accumulation == 1
@@ -98,11 +104,11 @@ def real_batch(tokens: int):
     ("debug", 0, 0.03), ("esm2_8M", 0, 0.03), ("esm2_8M", 1, 0.08), ("esm2_8M", 2, 0.05),
 ])  # fmt: skip
 def test_the_activation_formula_is_what_autograd_saves(size, recompute_every, tolerance):
-    from esmdist.parallel.prepare import training_model
+    from esmdist.parallel.prepare import apply_training_transforms, training_model
 
     torch.manual_seed(0)
-    model = training_model(model_config(size), 0, torch.device("cpu"),
-                           recompute_every=recompute_every)  # fmt: skip
+    model = training_model(model_config(size), 0, torch.device("cpu"))
+    apply_training_transforms(model, recompute_every=recompute_every)
     batch = real_batch(2048)
 
     def forward():

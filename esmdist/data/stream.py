@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -41,8 +42,10 @@ class DataConfig(MaskingConfig):
     path: str = ""
     """A sharded directory (local or s3://) written by `esmdist shard`, or webdataset shard
     URLs separated by `::` (`s3://…`, `pipe:…`, brace ranges) used as the train split."""
-    max_tokens: int = 16384
-    """Token budget of one packed micro-batch (<cls>/<eos> included)."""
+    max_tokens: int | Literal["auto"] = 16384
+    """Token budget of one packed micro-batch (<cls>/<eos> included). "auto": the largest that
+    fits the GPU, chosen at launch (esmdist.plan.auto_micro_batch), with activation
+    recomputation turned on only if it must be; on a CPU, 16,384 or the step's share."""
     crop_length: int = 1024
     """Longest sequence fed to the model, in tokens: longer ones get a random window."""
     num_workers: int = 2
@@ -55,7 +58,7 @@ class DataConfig(MaskingConfig):
     def __post_init__(self) -> None:
         if self.crop_length < 3:
             raise ValueError("data.crop_length must be at least 3 (<cls>, a residue, <eos>)")
-        if self.max_tokens < self.crop_length:
+        if self.max_tokens != "auto" and self.max_tokens < self.crop_length:
             raise ValueError(
                 f"data.max_tokens ({self.max_tokens}) must be at least data.crop_length "
                 f"({self.crop_length}) so that every sequence fits a micro-batch"

@@ -31,6 +31,18 @@ class ParallelConfig:
     bucket_elements: int = 200_000_000
     """DeepSpeed: elements per gradient-reduction and parameter all-gather bucket (capped at
     the model's parameters: DeepSpeed allocates its buckets whole)."""
+    low_precision_weights: bool = True
+    """One process in bf16: the matmul weights that compute are bf16 copies of the fp32
+    masters, refreshed once per step, instead of autocast's casts in every micro-batch
+    (the same arithmetic; +2 bytes per parameter). FSDP2 casts through its own policy."""
+
+    def engine_backend(self, world_size: int) -> str:
+        """The engine that runs: DDP and FSDP2 at world size 1 are one process (nothing to
+        reduce or shard; their wraps would only copy each block in and out); the checkpoint
+        files are the same DCP either way."""
+        if world_size == 1 and self.backend in ("ddp", "fsdp"):
+            return "single"
+        return self.backend
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):

@@ -31,7 +31,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.accumulation = settings.accumulation
-        self.module = model
+        self.module = self.compute_module = model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = make_optimizer(params)
         # DeepSpeed allocates its reduction buckets whole (two with overlap_comm): none larger
@@ -87,6 +87,9 @@ class DeepSpeedEngine(Engine):
             "DeepSpeed cannot drop accumulated gradients: its optimizer runs inside the last "
             "backward (the loop checks the step's losses before it instead)"
         )
+
+    def zero_grad(self) -> None:
+        self.skip()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.zero_stage == 3:

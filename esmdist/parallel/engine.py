@@ -59,7 +59,11 @@ class Engine:
     model: nn.Module
     """What to call for the forward pass."""
     module: ESM
-    """The underlying ESM (unwrapped; possibly sharded)."""
+    """The underlying ESM (unwrapped; possibly sharded) the optimizer updates: its parameters
+    are the ones checkpoints and exports hold."""
+    compute_module: ESM
+    """The ESM that computes inside `model`: `module`, or its bf16 compute copy
+    (`esmdist.parallel.precision`). Training transforms (recomputation, compile) apply here."""
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     checkpoint_format: str
@@ -84,7 +88,11 @@ class Engine:
         raise NotImplementedError
 
     def skip(self) -> None:
-        """Drop the accumulated gradients."""
+        """Drop the accumulated gradients and count the step in the LR schedule."""
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients (a warm-up's), the schedule untouched."""
         raise NotImplementedError
 
     @property
@@ -118,27 +126,52 @@ class Engine:
         raise NotImplementedError
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Wrapped:
     """A model made ready for one torch backend."""
 
     model: nn.Module
     """What to call for the forward pass."""
+    compute_module: ESM
+    """The ESM inside `model` that computes."""
     gradient_sync: Callable[[bool], contextlib.AbstractContextManager]
     """Around each backward: whether to reduce gradients across ranks now (the step's last
     micro-batch) or keep accumulating."""
     casts_itself: bool
     """Mixed precision done by the wrapper's own policy (FSDP2), not by autocast."""
     full_state: Callable[[], dict[str, torch.Tensor]]
+    state_model: nn.Module | None = None
+    """What model state dicts are taken of and loaded into (None: `model`)."""
+    after_update: Callable[[], None] = _nothing
+    """After the optimizer changed the parameters (a step, a load): refresh what derives
+    from them."""
+    zero_grad: Callable[[], None] = _nothing
+    """Drop gradients held outside the optimizer's parameters."""
 
 
 def _plain_state(model: ESM) -> Callable[[], dict[str, torch.Tensor]]:
     return lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _no_sync(last: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def wrap_single(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
                 info: DistInfo) -> Wrapped:  # fmt: skip
-    return Wrapped(model, lambda last: contextlib.nullcontext(), False, _plain_state(model))
+    """One process: in bf16 with `parallel.low_precision_weights`, the model that runs is a
+    bf16 compute copy of `model`'s matmul weights (`esmdist.parallel.precision`)."""
+    if settings.dtype != "bf16" or not parallel.low_precision_weights:
+        return Wrapped(model, model, _no_sync, False, _plain_state(model))
+    from esmdist.parallel.precision import ComputeCopy
+
+    copy = ComputeCopy(model, torch.bfloat16)
+    return Wrapped(copy.module, copy.module, _no_sync, False, _plain_state(model),
+                   state_model=model, after_update=copy.refresh, zero_grad=copy.zero_grad)  # fmt: skip
 
 
 def wrap_ddp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
@@ -151,7 +184,7 @@ def wrap_ddp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
     def sync(last: bool):
         return contextlib.nullcontext() if last else ddp.no_sync()
 
-    return Wrapped(ddp, sync, False, _plain_state(model))
+    return Wrapped(ddp, model, sync, False, _plain_state(model))
 
 
 def _set_prefetch(layers: list, ahead: int) -> None:
@@ -193,7 +226,7 @@ def wrap_fsdp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
             model, options=StateDictOptions(full_state_dict=True, cpu_offload=False)
         )
 
-    return Wrapped(model, sync, True, full_state)
+    return Wrapped(model, model, sync, True, full_state)
 
 
 WRAPS = {"single": wrap_single, "ddp": wrap_ddp, "fsdp": wrap_fsdp}
@@ -216,6 +249,8 @@ class TorchEngine(Engine):
     def __init__(self, wrapped: Wrapped, module: ESM, settings: EngineSettings, device,
                  make_optimizer: OptimizerFactory):  # fmt: skip
         self.wrapped, self.model, self.module = wrapped, wrapped.model, module
+        self.compute_module = wrapped.compute_module
+        self.state_model = wrapped.state_model or wrapped.model
         self.dtype, self.device, self.clip = DTYPES[settings.dtype], device, settings.grad_clip
         self.params = [p for p in module.parameters() if p.requires_grad]
         # Fused AdamW: one kernel per parameter group, and it drops a step on the device.
@@ -239,13 +274,18 @@ class TorchEngine(Engine):
         # parameter and moment (and its step count) untouched where `found_inf` is nonzero.
         self.optimizer.found_inf = torch.isfinite(norm).logical_not().float()
         self.optimizer.step()
+        self.wrapped.after_update()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, self.optimizer.found_inf == 0
 
     def skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.schedule.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.wrapped.zero_grad()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.wrapped.full_state()
@@ -253,14 +293,15 @@ class TorchEngine(Engine):
     def checkpoint_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optim = get_state_dict(self.model, self.optimizer)
+        model, optim = get_state_dict(self.state_model, self.optimizer)
         return {"model": model, "optim": optim}
 
     def load_checkpoint_state(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+        set_state_dict(self.state_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
+        self.wrapped.after_update()
         # A checkpoint's parameter groups carry the implementation flags of the optimizer that
         # saved it (foreach AdamW before 2026-12-02), and its step counts sit where that one
         # kept them (the host): this engine steps with the fused kernel, counts on the device.
