@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from esmdist.process import run_entry_point
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from esmdist.export import model_weights
@@ -94,8 +96,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"esmdist check: {problem}", file=sys.stderr)
     if found:
         return 2
-    print(f"ok: {args.config} for world size {args.world_size} "
-          f"({config.accumulation(args.world_size)} micro-batch(es) per rank per step); data "
+    micro = ("micro-batch chosen at launch: data.max_tokens = auto" if config.data.max_tokens == "auto"
+             else f"{config.accumulation(args.world_size)} micro-batch(es) per rank per step")  # fmt: skip
+    print(f"ok: {args.config} for world size {args.world_size} ({micro}); data "
           f"{config.data.path} readable; checkpoint root {config.checkpoint_root} writable; "
           "packages and credentials present")  # fmt: skip
     return 0
@@ -125,6 +128,25 @@ def _job_options(args: argparse.Namespace, job_name: str, ntasks_per_node: int, 
     return JobOptions(**{**options, **fixed})
 
 
+def _checked_for_submit(args: argparse.Namespace, config_path: str, world_size: int):
+    """The run's config after `esmdist check`'s checks for the job's world size, before
+    anything is queued (printed or not): the storage ones too, unless the job waits on
+    another (--dependency: its data may be what that job writes)."""
+    from esmdist.config import load_config
+    from esmdist.preflight import quick_problems, storage_problems
+
+    config = load_config(config_path, args.overrides)
+    found = quick_problems(config, world_size)
+    if not found and not args.dependency:
+        found = storage_problems(config)
+    elif not found:
+        print(f"esmdist submit: --dependency {args.dependency}: the data and checkpoint root "
+              "are checked when the job starts", file=sys.stderr)  # fmt: skip
+    if found:
+        raise ValueError("; ".join(found))
+    return config
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from esmdist.slurm.submit import render, submit
 
@@ -135,13 +157,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             raise ValueError("the sharding job runs on one node (--nodes 1)")
         script = render("shard.sbatch", options, args.overrides, "esmdist submit shard")
     else:
-        from esmdist.config import load_config
-
         config_path = str(Path(args.config).resolve())
         tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-        # The config's own checks and the ones that depend on the world size, before queueing.
-        load_config(config_path, args.overrides).check(args.nodes * tasks)
-        options = _job_options(args, f"esmdist-{Path(args.config).stem}", tasks)
+        config = _checked_for_submit(args, config_path, args.nodes * tasks)
+        # One core per loader worker besides the rank's own, unless asked otherwise.
+        cores = {} if args.cpus_per_task else {"cpus_per_task": config.data.num_workers + 1}
+        options = _job_options(args, f"esmdist-{Path(args.config).stem}", tasks, **cores)
         script = render("pretrain.sbatch", options, [config_path, *args.overrides], config_path)
     # Slurm opens the log before the script runs, and fails the job if its folder is missing:
     # made now, also for a printed script that is submitted later.
@@ -320,8 +341,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             if args.backend == "single" and gpus > 1:
                 break
             found = plan(setup(gpus))
+            fits = "" if found.fits else "  DOES NOT FIT"
             print(f"{gpus:>6} {found.tokens_per_s:>14,.0f} {found.tokens_per_s / gpus:>10,.0f} "
-                  f"{found.scaling_efficiency:>11.1%} {found.total_bytes / 1e9:>7.1f} GB")  # fmt: skip
+                  f"{found.scaling_efficiency:>11.1%} {found.total_bytes / 1e9:>7.1f} GB{fits}")  # fmt: skip
     return 0
 
 
@@ -383,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_OPTIONS = ("out", "plot")
+"""What any command writes (`--out`, `--plot`; export's OUT): checked against everything else
+the command was given before anything runs."""
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """No output may be one of the command's inputs — every other path it was given, whatever
+    the option — or lie inside a committed checkpoint or a checkpoint root
+    (esmdist.checkpoint.check_output)."""
+    from esmdist.checkpoint import check_output
+
+    given = [v for k, value in vars(args).items() if k not in OUTPUT_OPTIONS
+             for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]  # fmt: skip
+    for name in OUTPUT_OPTIONS:
+        out = getattr(args, name, None)
+        if isinstance(out, str) and out:
+            check_output(out, given, "OUT" if args.command == "export" else f"--{name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["submit"] and argv[1:2] not in (["pretrain"], ["shard"], ["-h"], ["--help"]):
@@ -395,11 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        _check_outputs(args)
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, PermissionError) as exc:
         print(f"esmdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
+def run() -> None:
+    """The `esmdist` command (and `python -m esmdist.cli`)."""
+    run_entry_point("esmdist", main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

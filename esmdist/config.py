@@ -9,6 +9,7 @@ resolved config is printed at start and saved with every checkpoint (`to_dict`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import types
@@ -22,7 +23,12 @@ from esmdist.data.stream import DataConfig
 from esmdist.model.config import MODEL_SIZES, ModelConfig
 from esmdist.optim import OptimConfig
 from esmdist.parallel.config import ParallelConfig
-from esmdist.ranges import check_range
+from esmdist.ranges import bounded, check_fields
+
+MAX_ACCUMULATION = 4096
+"""Micro-batches per rank and optimizer step at most: the loop gathers a step's micro-batches
+before its first backward (the masked-token count normalises every loss), so the count bounds
+its memory. 2M tokens per step of 512-token micro-batches on one GPU is 4,096."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +77,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 500_000
-    tokens_per_step: int = 2_097_152
+    max_steps: int = bounded(500_000, 1, 10**10)
+    tokens_per_step: int = bounded(2_097_152, 1, 2**34)
     """Tokens per optimizer step = micro-batch tokens × accumulation × world size (ESM-2: ~2M)."""
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**63 - 1)
     """Seed of the model initialisation."""
-    log_every: int = 10
-    valid_every: int = 1000
+    log_every: int = bounded(10, 1, 10**9)
+    valid_every: int = bounded(1000, 0, 10**9)
     """Steps between validation perplexity evaluations (0: never)."""
     valid_contacts: str = ""
     """Structures (a file or a directory, e.g. data/eval/structures/test) whose long-range
@@ -85,11 +91,11 @@ class TrainConfig:
     contact regression fitted afresh on `valid_contacts_fit` (eval extra; "": off)."""
     valid_contacts_fit: str = ""
     """Structures to fit that regression on (e.g. data/eval/structures/fit)."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = bounded(5, 1, 10**6)
     """NaN/Inf loss or gradient: the step is skipped and counted; this many in a row abort."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
-    recompute_every: int = 1
+    recompute_every: int = bounded(1, 1, 1024)
     """With activation_checkpointing: recompute every n-th block's activations in backward (1:
     all; 2: every other — about half the memory of no recomputation, half the extra compute
     of recomputing all)."""
@@ -114,9 +120,7 @@ class TrainConfig:
         return self.compile_cache or str(Path(self.output_dir) / "compile_cache")
 
     def __post_init__(self) -> None:
-        for key, low in (("max_steps", 1), ("tokens_per_step", 1), ("seed", 0), ("log_every", 1),
-                         ("valid_every", 0), ("max_bad_steps", 1), ("recompute_every", 1)):  # fmt: skip
-            check_range("train", key, getattr(self, key), low)
+        check_fields(self, "train")
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
         if bool(self.valid_contacts) != bool(self.valid_contacts_fit):
@@ -191,6 +195,14 @@ class JobConfig:
                 f"train.tokens_per_step ({self.train.tokens_per_step}) must be a multiple of "
                 f"data.max_tokens × world size ({self.data.max_tokens} × {world_size} = {per_step})"
             )
+        if self.train.tokens_per_step // per_step > MAX_ACCUMULATION:
+            raise ValueError(
+                f"train.tokens_per_step ({self.train.tokens_per_step}) is "
+                f"{self.train.tokens_per_step // per_step:,} micro-batches per rank and step of "
+                f"data.max_tokens ({self.data.max_tokens}) on {world_size} rank(s), past the "
+                f"{MAX_ACCUMULATION:,} a step may hold (each is kept in memory until the step's "
+                "first backward): raise data.max_tokens or lower train.tokens_per_step"
+            )
         self._check_backend(world_size)
 
     def _check_backend(self, world_size: int) -> None:
@@ -220,12 +232,16 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None:
             return None
-        for option in options[:-1]:  # the first that takes it (int | Literal["auto"]: 16384, auto)
+        for option in options:  # the first that takes it (int | Literal["auto"]: 16384, auto)
             try:
                 return _coerce(value, option, key)
             except ValueError:
                 pass
-        return _coerce(value, options[-1], key)
+        wanted = " or ".join(
+            ", ".join(map(str, typing.get_args(o))) if typing.get_origin(o) is Literal
+            else getattr(o, "__name__", str(o)) for o in options
+        )  # fmt: skip
+        raise ValueError(f"{key}: expected {wanted}, got {value!r}")
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         args = typing.get_args(kind)
@@ -265,7 +281,12 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(f'{prefix}{k}' for k in unknown)}")
+        named = []
+        for key in unknown:
+            near = difflib.get_close_matches(str(key), sorted(fields), n=1, cutoff=0.6)
+            named.append(f"{prefix}{key}" + (f" (did you mean {prefix}{near[0]}?)" if near else ""))
+        raise ValueError(f"unknown config key(s): {', '.join(named)}; the keys of "
+                         f"[{prefix.rstrip('.') or 'the top level'}] are {', '.join(sorted(fields))}")  # fmt: skip
     values = {}
     for name, value in data.items():
         kind = hints[name]
@@ -278,7 +299,10 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     try:
         return cls(**values)
     except ValueError as exc:
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+        section, message = prefix.rstrip("."), str(exc)
+        if section and not message.startswith((f"{section}.", f"{section}:")):
+            message = f"{section}: {message}"
+        raise ValueError(message) from None
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: str) -> None:
@@ -309,7 +333,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         if "." not in key:
             raise ValueError(f"override {item!r}: keys are dotted, e.g. --train.max_steps=50")
         _set_dotted(tree, key, value)
-    return build_section(JobConfig, tree, "")
+    try:
+        return build_section(JobConfig, tree, "")
+    except ValueError as exc:
+        if path is None:
+            raise
+        raise ValueError(f"{path}{' with its overrides' if overrides else ''}: {exc}") from None
 
 
 def config_keys() -> list[str]:

@@ -3,10 +3,11 @@
 (fair-esm `.pt`, Hugging Face directories), local or in object storage.
 
 Nothing in the checkpoint is executed (DCP metadata and values through allow-lists,
-DeepSpeed's pickles weights-only), and nothing is allocated from its config alone: the model is
-built on the meta device, its parameter shapes are compared with the tensors the checkpoint
-really holds, and only then materialised — a forged `config.json` asking for a huge model is an
-error naming the key, not an out-of-memory kill.
+DeepSpeed's pickles weights-only), and nothing is allocated from its config alone: the config is
+range-checked (`ModelConfig`), the shapes it gives are compared — by arithmetic, nothing built —
+with those of the tensors the file really holds, and only then is anything materialised: a
+forged `config.json` asking for a huge model is an error naming the key, not an hour of
+building and an out-of-memory kill.
 """
 
 from __future__ import annotations
@@ -40,19 +41,12 @@ def _model_config(checkpoint: Committed) -> ModelConfig:
         raise CheckpointError(f"{url}: {exc}") from None
 
 
-def _check_shapes(shapes: dict[str, tuple[int, ...]], model: ESM, url: str) -> None:
-    """The checkpoint's tensor shapes (by model key) against the model built from its config."""
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    differ = sorted(k for k in wanted if k in shapes and shapes[k] != wanted[k])
-    missing = sorted(set(wanted) - set(shapes))
-    unexpected = sorted(set(shapes) - set(wanted))
-    if differ or missing or unexpected:
-        details = [f"{k}: stored {shapes[k]}, config gives {wanted[k]}" for k in differ[:3]]
-        details += [f"{k}: not stored" for k in missing[:3]]
-        details += [f"{k}: stored, not in the model" for k in unexpected[:3]]
-        raise CheckpointError(
-            f"{url}: config.json does not describe the tensors stored ({'; '.join(details)})"
-        )
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, url: str) -> None:
+    """The checkpoint's tensor shapes (by model key) against its config's, before any build."""
+    try:
+        config.check_shapes(shapes, f"{url}: config.json")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -61,8 +55,6 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
     config = _model_config(checkpoint)
     train_state = checkpoint.json("train_state.json")
     backend = train_state.get("backend") if isinstance(train_state, dict) else None
-    with torch.device("meta"):
-        skeleton = ESM(config)
     if backend == "deepspeed":
         from esmdist.checkpoint.deepspeed_files import zero_fp32_state
 
@@ -70,8 +62,8 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
                                 expected=checkpoint.model_optim)  # fmt: skip
         # The frozen contact regression is no optimizer parameter: DeepSpeed may leave it out
         # of the fp32 state, and then its saved buffer values are in the module state.
-        frozen = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in state}
-        _check_shapes({**frozen, **{k: tuple(v.shape) for k, v in state.items()}}, skeleton,
+        frozen = {k: s for k, s in config.parameter_shapes().items() if k not in state}
+        _check_shapes({**frozen, **{k: tuple(v.shape) for k, v in state.items()}}, config,
                       checkpoint.url)  # fmt: skip
         model = ESM(config)
         full = model.state_dict()
@@ -80,7 +72,7 @@ def consolidated_weights(where: str) -> tuple[ModelConfig, dict[str, torch.Tenso
 
     shapes = read_dcp_shapes(checkpoint.store, checkpoint.name, "model_optim",
                              expected=checkpoint.model_optim, prefix="model.")  # fmt: skip
-    _check_shapes(shapes, skeleton, checkpoint.url)
+    _check_shapes(shapes, config, checkpoint.url)
     wanted = {"model": ESM(config).state_dict()}
     load_dcp(wanted, checkpoint.store, checkpoint.name, "model_optim",
              expected=checkpoint.model_optim, ignored=("optim.",), no_dist=True)  # fmt: skip

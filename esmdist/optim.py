@@ -13,31 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
-from esmdist.ranges import check_range
+from esmdist.ranges import bounded, check_fields
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 4e-4
+    lr: float = bounded(4e-4, 0.0, 1.0, low_open=True)
     """Peak learning rate (ESM-2: 4e-4; 1.6e-4 for 15B)."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 2000
-    final_lr_fraction: float = 0.1
+    betas: tuple[float, float] = bounded((0.9, 0.98), 0.0, 1.0, high_open=True)
+    eps: float = bounded(1e-8, 0.0, 1.0, low_open=True)
+    weight_decay: float = bounded(0.01, 0.0, 1.0)
+    warmup_steps: int = bounded(2000, 0, 10**10)
+    final_lr_fraction: float = bounded(0.1, 0.0, 1.0)
     """Linear decay after warm-up down to this fraction of the peak at train.max_steps."""
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, 0.0, 1e6)
     """Clip the global gradient norm to this value (0: no clipping)."""
 
     def __post_init__(self) -> None:
-        check_range("optim", "lr", self.lr, 0.0, low_open=True)
-        for beta in self.betas:
-            check_range("optim", "betas", beta, 0.0, 0.999999)
-        check_range("optim", "eps", self.eps, 0.0, low_open=True)
-        check_range("optim", "weight_decay", self.weight_decay, 0.0)
-        check_range("optim", "warmup_steps", self.warmup_steps, 0)
-        check_range("optim", "final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
-        check_range("optim", "grad_clip", self.grad_clip, 0.0)
+        check_fields(self, "optim")
 
 
 def lr_lambda(warmup: int, max_steps: int, final_fraction: float):

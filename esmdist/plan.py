@@ -44,7 +44,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from esmdist.config import JobConfig
+from esmdist.config import MAX_ACCUMULATION, JobConfig
 from esmdist.metrics import block_params
 from esmdist.model import ModelConfig
 
@@ -125,13 +125,19 @@ class Setup:
 
 
 def parse_bytes(text: str) -> float:
-    """`80GB`, `80GiB`, `141G`, `512MB` → bytes (GB = 10⁹, GiB = 2³⁰)."""
-    found = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not found:
+    """`80GB`, `80GiB`, `141G`, `512MB`, `80` (a plain number is GB) → bytes (GB = 10⁹,
+    GiB = 2³⁰)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)(B?)\s*", text, re.IGNORECASE)
+    if not found or (found.group(3) and not found.group(2)):
         raise ValueError(f"{text!r}: give a size such as 80GB or 141GiB")
     number, prefix, binary = float(found.group(1)), found.group(2).upper(), found.group(3)
+    if not prefix and not found.group(4):
+        prefix = "G"  # a GPU's memory in bytes would be a mistake: `80` means 80 GB
     power = " KMGT".index(prefix or " ")
-    return number * ((1024 if binary else 1000) ** power)
+    size = number * ((1024 if binary else 1000) ** power)
+    if size < 1e9:
+        raise ValueError(f"{text!r}: {size:,.0f} bytes is no GPU's memory; give e.g. 80GB")
+    return size
 
 
 def _block(setup: Setup) -> int:
@@ -288,8 +294,9 @@ def auto_micro_batch(setup: Setup, crop_length: int, recompute_every: int = 0) -
     if per_gpu * setup.gpus != setup.tokens_per_step:
         raise ValueError(f"train.tokens_per_step ({setup.tokens_per_step}) must be a multiple of "
                          f"the world size ({setup.gpus})")  # fmt: skip
-    sizes = [per_gpu // k for k in range(1, per_gpu // crop_length + 1)
-             if per_gpu % k == 0 and per_gpu // k <= AUTO_MICRO_BATCH_CAP]  # fmt: skip
+    fewest = -(-per_gpu // AUTO_MICRO_BATCH_CAP)  # micro-batches per step
+    most = min(per_gpu // crop_length, MAX_ACCUMULATION)
+    sizes = [per_gpu // k for k in range(fewest, most + 1) if per_gpu % k == 0]
     options = [recompute_every] if recompute_every else [0, 2, 1]
     wanted = min(MIN_EFFICIENT_MICRO_BATCH, per_gpu)
     for every in options:
@@ -320,8 +327,13 @@ def resolve_micro_batch(config: JobConfig, world_size: int,
         return config, ""
     per_rank = train.tokens_per_step // world_size
     if gpu_memory is None:
-        tokens = max(m for m in range(data.crop_length, min(per_rank, CPU_MICRO_BATCH) + 1)
-                     if per_rank % m == 0)  # fmt: skip
+        fewest = -(-per_rank // CPU_MICRO_BATCH)
+        tokens = next((per_rank // k for k in range(fewest, per_rank // data.crop_length + 1)
+                       if per_rank % k == 0), None)  # fmt: skip
+        if tokens is None:
+            raise ValueError(f"data.max_tokens = auto: no micro-batch between data.crop_length "
+                             f"({data.crop_length}) and {CPU_MICRO_BATCH:,} tokens divides the "
+                             f"{per_rank:,} tokens per rank and step")  # fmt: skip
         chosen = MicroBatch(tokens, train.recompute_every if train.activation_checkpointing else 0,
                             f"{tokens:,} tokens per micro-batch (on a CPU: at most {CPU_MICRO_BATCH:,})")  # fmt: skip
     else:

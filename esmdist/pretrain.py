@@ -13,6 +13,13 @@ from esmdist.signals import install_early
 install_early()
 
 from esmdist.launch import main  # noqa: E402
+from esmdist.process import run_entry_point  # noqa: E402
+
+
+def run() -> None:
+    """The trainer's process from start to exit status (esmdist.process.exit_process)."""
+    run_entry_point("pretrain", lambda: main(sys.argv[1:]))
+
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run()

@@ -10,14 +10,64 @@ ends.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 POLL_SECONDS = 0.5
 _IMPORTED = time.monotonic()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code` as Python would — non-daemon threads joined, atexit
+    handlers run (logging, wandb, multiprocessing's children), stdout and stderr flushed — but
+    without the interpreter's finalization and the C++ static destructors after it. There a
+    native thread of a library (pyarrow's scanner threads, seen in core dumps; any thread
+    pool that calls back into Python) may still take the GIL: Python ends such a thread with
+    pthread_exit, its unwinding crosses a noexcept C++ frame, and the whole process aborts
+    (SIGABRT, "terminate called without an active exception") after its work was done — an
+    exit status that fails a job, a requeue decision, a test. Every esmdist entry point ends
+    here."""
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        os._exit(code)
+
+
+def run_entry_point(name: str, main: Callable[[], int | None]) -> NoReturn:
+    """`main()`'s status as this process's exit, through `exit_process`: its int (None: 0), or
+    what it gave sys.exit; Ctrl-C 130. An exception that escapes it is a bug, not the user's
+    doing: one line naming it, status 1 (ESMDIST_DEBUG=1: the traceback too)."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        code = stop.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException as exc:
+        if os.environ.get("ESMDIST_DEBUG"):
+            traceback.print_exc()
+        print(f"{name}: internal error: {type(exc).__name__}: {exc} (a bug in esmdist: "
+              "ESMDIST_DEBUG=1 shows where; please report it)", file=sys.stderr)  # fmt: skip
+        code = 1
+    exit_process(0 if code is None else int(code))
 
 
 def seconds_since_start() -> float:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from esmdist.process import exit_with_parent
+from esmdist.process import exit_with_parent, run_entry_point
 
 T = TypeVar("T")
 # Object-storage reads are ranged GETs of this size, this many in flight, hashed in order.
@@ -41,6 +41,18 @@ Digests = dict[str, tuple[int, str]]
 
 class StorageError(RuntimeError):
     """A storage operation failed for good; the message names the operation and the object."""
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The failures a retry can cure: OSError (s3fs turns most HTTP errors into one), and the
+    endpoint faults botocore raises as exceptions of its own — no connection, a closed
+    connection, a timeout — which are not OSErrors. Refused credentials are not among them."""
+    try:
+        from botocore.exceptions import ConnectionError as Unreachable
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, Unreachable, HTTPClientError)
 
 
 class Store:
@@ -64,9 +76,10 @@ class Store:
                 raise
             except PermissionError as exc:  # retrying cannot fix refused access
                 raise StorageError(f"{what}: access denied ({exc}); {self.access_hint}") from None
-            except OSError as exc:
-                if exc.errno in PERMANENT_ERRORS or attempt == self.retries:
-                    tries = "" if exc.errno in PERMANENT_ERRORS else f" after {attempt} attempts"
+            except transient_errors() as exc:
+                permanent = getattr(exc, "errno", None) in PERMANENT_ERRORS
+                if permanent or attempt == self.retries:
+                    tries = "" if permanent else f" after {attempt} attempts"
                     raise StorageError(
                         f"{what}: failed{tries} ({type(exc).__name__}: {exc})"
                     ) from exc
@@ -318,4 +331,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point("esmdist.storage", lambda: main(sys.argv[1:]))

@@ -59,7 +59,13 @@ from esmdist.plan import resolve_micro_batch
 from esmdist.process import seconds_since_start
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import PREEMPTED_MARKER
-from esmdist.train_state import TrainState, resumable, rng_state, set_rng_state
+from esmdist.train_state import (
+    TrainState,
+    resumable,
+    rng_state,
+    schedule_change,
+    set_rng_state,
+)
 
 
 class BadStepsError(RuntimeError):
@@ -170,7 +176,7 @@ def train(config: JobConfig) -> tuple[dict, Engine]:
             last = loop(run, stop)
         finally:
             run.close()
-        export_final(run)
+        export_final(run, last)
         # Rank 0 writes the export alone: the others wait, so that no rank tears the process
         # group down under one still using it (gloo's worker threads then abort at exit).
         barrier()
@@ -252,6 +258,9 @@ def setup(config: JobConfig) -> Run:
             data_resume, run_id = state.data, state.wandb_run_id
             if info.is_main:
                 print(f"resumed from {where} at step {state.step}", flush=True)
+                change = schedule_change(config, checkpoint.json("config.json"), state.step)
+                if change:
+                    print(change, flush=True)
         compiled = _warm_up_compiled(engine, config, info)
         loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume,
                              pin_memory=info.device.type == "cuda")  # fmt: skip
@@ -470,9 +479,18 @@ def valid_perplexity(engine: Engine, shards: ShardSet, config: JobConfig, info: 
     return ppl
 
 
-def export_final(run: Run) -> None:
-    """The trained model as a Hugging Face EsmForMaskedLM directory, `{output_dir}/final`."""
+def export_final(run: Run, last: dict) -> None:
+    """The trained model as a Hugging Face EsmForMaskedLM directory, `{output_dir}/final`, and
+    the run's summary."""
     final = run.engine.full_state_dict()
-    if run.info.is_main:
-        out = write_final_export(final, run.model_config, Path(run.config.train.output_dir))
-        print(f"final model: {out} (Hugging Face EsmForMaskedLM directory)", flush=True)
+    if not run.info.is_main:
+        return
+    out = write_final_export(final, run.model_config, Path(run.config.train.output_dir))
+    progress = run.progress
+    held_out = (f", held-out perplexity {last['valid_perplexity']:.3f}"
+                if "valid_perplexity" in last else "")  # fmt: skip
+    loss = f", final loss {last['loss']:.4f}" if "loss" in last else ""
+    print(f"run finished: step {run.config.train.max_steps}, {progress.tokens_seen:,} tokens seen, "
+          f"{progress.skipped} step(s) skipped, {time.perf_counter() - progress.started:,.0f} s "
+          f"this attempt{loss}{held_out}; checkpoints in {run.config.checkpoint_root}; final "
+          f"model: {out} (Hugging Face EsmForMaskedLM directory)", flush=True)  # fmt: skip

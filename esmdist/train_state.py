@@ -18,6 +18,7 @@ import torch
 from esmdist.checkpoint import Checkpointer, CheckpointError, Committed
 from esmdist.config import ModelSpec, build_section
 from esmdist.data.order import OrderState
+from esmdist.optim import OptimConfig, lr_lambda
 
 if TYPE_CHECKING:
     from esmdist.config import JobConfig
@@ -197,6 +198,28 @@ def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size
                                    "ZeRO checkpoint resumes only as it was saved; export it "
                                    "with esmdist export for anything else)")  # fmt: skip
     return differences
+
+
+def schedule_change(run: JobConfig, saved: Any, step: int) -> str:
+    """"" when the learning-rate schedule of `run` is the one the checkpoint's run (config
+    `saved`) followed; else the line that says how it changes from `step` on — a longer
+    max_steps re-stretches the decay, so the rate jumps: allowed, never silent."""
+    try:
+        theirs = build_section(OptimConfig, saved["optim"], "optim.")
+        their_steps = int(saved["train"]["max_steps"])
+    except (KeyError, TypeError, ValueError):
+        return ""
+    ours, our_steps = run.optim, run.train.max_steps
+    keys = ("lr", "warmup_steps", "final_lr_fraction")
+    if our_steps == their_steps and all(getattr(ours, k) == getattr(theirs, k) for k in keys):
+        return ""
+    before = theirs.lr * lr_lambda(theirs.warmup_steps, their_steps, theirs.final_lr_fraction)(step)
+    after = ours.lr * lr_lambda(ours.warmup_steps, our_steps, ours.final_lr_fraction)(step)
+    changed = [f"train.max_steps {their_steps} → {our_steps}"] if our_steps != their_steps else []
+    changed += [f"optim.{k} {getattr(theirs, k)} → {getattr(ours, k)}" for k in keys
+                if getattr(ours, k) != getattr(theirs, k)]  # fmt: skip
+    return (f"the learning-rate schedule changes at this resume ({', '.join(changed)}): at step "
+            f"{step} the rate is {after:.3g} where the checkpoint's run had {before:.3g}")
 
 
 def resumable(checkpointer: Checkpointer, where: str, run: JobConfig, world_size: int,

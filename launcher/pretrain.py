@@ -8,10 +8,8 @@ python launcher/pretrain.py --config configs/debug-cpu.toml --train.max_steps=50
 (`python -m esmdist.pretrain` is the same entry point without the path.)
 """
 
-import sys
-
 # Installs the stop-signal handlers before torch is imported (see esmdist/pretrain.py).
-from esmdist.pretrain import main
+from esmdist.pretrain import run
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run()

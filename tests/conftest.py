@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_SESSION: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _SESSION["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """This test process ends as esmdist's own do (esmdist.process.exit_process): its results
+    are reported by now, and the interpreter's finalization — where a library's native thread
+    calling back into Python can abort a process whose work is done — is skipped."""
+    if "status" not in _SESSION:
+        return
+    from esmdist.process import exit_process
+
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        config.get_terminal_writer().flush()
+    exit_process(_SESSION["status"])
+
+
 DEMO_FASTA = REPO / "data" / "demo_4k.fasta"
 EVAL_DATA = REPO / "data" / "eval"
 TEST_DATA = Path(__file__).resolve().parent / "data"

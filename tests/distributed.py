@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from esmdist.process import exit_process
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -35,6 +37,9 @@ def _entry(rank: int, world_size: int, port: int, out: str, fn, args) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    # As esmdist's own processes end: without the interpreter's finalization, where a native
+    # thread calling back into Python can abort a process whose work is done.
+    exit_process(0)
 
 
 def run_ranks(fn, world_size: int, tmp_path: Path, *args) -> list:

@@ -36,9 +36,12 @@ def setup(size="esm2_650M", gpus=8, **extra) -> Setup:
 
 def test_sizes_parse():
     assert parse_bytes("80GB") == 80e9 and parse_bytes("141GiB") == 141 * 2**30
-    assert parse_bytes("512 MB") == 512e6 and parse_bytes("2T") == 2e12
+    assert parse_bytes("2T") == 2e12 and parse_bytes("1.5 TB") == 1.5e12
+    assert parse_bytes("80") == 80e9  # a plain number is GB, never 80 bytes
     with pytest.raises(ValueError, match="give a size"):
         parse_bytes("eighty")
+    with pytest.raises(ValueError, match="no GPU's memory"):
+        parse_bytes("512 MB")
 
 
 def test_states_split_as_zero_says():

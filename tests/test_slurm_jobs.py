@@ -131,10 +131,15 @@ def test_submit_checks_the_config_for_the_world_size_before_queueing(tmp_path, c
     assert cli(["submit", "--config", str(config), "--nodes", "2", "--time", "10", "--dry-run",
                 "--", "--train.max_stepz=3"]) == 2  # fmt: skip
     assert "max_stepz" in capsys.readouterr().err
+    # `esmdist check`'s storage checks too: the data is not there (the job waits on none).
     assert cli(["submit", "--config", str(config), "--nodes", "2", "--time", "10", "--dry-run",
-                "--", "--train.max_steps=30"]) == 0  # fmt: skip
+                "--", "--train.max_steps=30"]) == 2  # fmt: skip
+    assert "data.path" in capsys.readouterr().err
+    assert cli(["submit", "--config", str(config), "--nodes", "2", "--time", "10", "--dry-run",
+                "--dependency=afterok:17", "--", "--train.max_steps=30"]) == 0  # fmt: skip
     script = capsys.readouterr().out
     assert f"set -- {config} --train.max_steps=30" in script and (tmp_path / "logs").is_dir()
+    assert "#SBATCH --cpus-per-task=1" in script  # debug-cpu.toml reads with no loader worker
 
 
 def test_submit_shard_checks_the_shard_arguments(tmp_path, capsys, monkeypatch):

@@ -48,6 +48,7 @@ from esmdist.collectives import (
     gather_objects,
     rank_world,
 )
+from esmdist.ranges import bounded, check_fields
 from esmdist.storage import Digests, StorageError, Store
 from esmdist.version import version_info as package_version
 
@@ -56,25 +57,22 @@ from esmdist.version import version_info as package_version
 class CheckpointConfig:
     root: str = ""
     """Local directory or s3://bucket/prefix; empty: `{train.output_dir}/checkpoints`."""
-    every: int = 1000
+    every: int = bounded(1000, 0, 10**10)
     """Save every this many steps (and at the end, and on SIGUSR1/SIGTERM/SIGINT). 0: only then."""
-    keep: int = 3
+    keep: int = bounded(3, 1, 10**6)
     """Keep the newest this many committed checkpoints…"""
-    keep_every: int = 0
+    keep_every: int = bounded(0, 0, 10**10)
     """…and also every step that is a multiple of this (0: none)."""
     resume: str = "auto"
     """`auto`: the newest committed checkpoint under root, if any; `none`; or a path."""
-    retries: int = 6
+    retries: int = bounded(6, 1, 100)
     """Attempts of each storage operation before a save fails."""
     async_upload: bool = True
     """Object storage: stage shards in host memory (or node-local disk) and upload them while
     training goes on."""
 
     def __post_init__(self) -> None:
-        for key, value, low in (("every", self.every, 0), ("keep", self.keep, 1),
-                                ("keep_every", self.keep_every, 0), ("retries", self.retries, 1)):  # fmt: skip
-            if value < low:
-                raise ValueError(f"checkpoint.{key} must be at least {low}, got {value}")
+        check_fields(self, "checkpoint")
         if not self.resume:
             raise ValueError("checkpoint.resume: give auto, none or a checkpoint path")
 

@@ -17,6 +17,7 @@ import torch
 from esmdist.checkpoint.manifest import CheckpointError
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
 def deepspeed_globals() -> list:
@@ -40,7 +41,9 @@ def refusal_reason(exc: Exception) -> str:
 def torch_pickles_without_code(url: str) -> Iterator[None]:
     """Inside: every torch.load is weights-only with DeepSpeed's three types allowed; a file
     that names anything else fails with a CheckpointError naming `url`."""
-    saved = os.environ.get(_FORCE)
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE, _FORCE_NO)}
+    # A user's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (a common workaround on torch ≥ 2.6) would make
+    # torch refuse both at once; here it must not apply, whatever the environment says.
     os.environ[_FORCE] = "1"
     try:
         with torch.serialization.safe_globals(deepspeed_globals()):
@@ -52,7 +55,8 @@ def torch_pickles_without_code(url: str) -> Iterator[None]:
             "code)"
         ) from None
     finally:
-        if saved is None:
-            os.environ.pop(_FORCE, None)
-        else:
-            os.environ[_FORCE] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -112,13 +112,12 @@ def plot_embeddings(parquet: str, fasta: str, layer: int, label_regex: str | Non
     import re
 
     import numpy as np
-    import pyarrow.parquet as pq
 
     from esmdist.data.fasta import read_fasta
+    from esmdist.data.format import read_parquet
     from esmdist.eval.plot import plot_projection
 
-    # No reader threads: they can abort the process at exit (see ShardSet.from_directory).
-    table = pq.read_table(parquet, columns=["id", f"mean_{layer}"], use_threads=False)
+    table = read_parquet(parquet, columns=["id", f"mean_{layer}"])
     rows = np.random.default_rng(0).permutation(table.num_rows)[:limit]
     ids = table.column("id").take(rows).to_pylist()
     vectors = np.stack(table.column(f"mean_{layer}").take(rows).to_numpy(zero_copy_only=False))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from esmdist import alphabet
+from esmdist.ranges import bounded, check_fields
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,15 @@ class MaskingConfig:
     """BERT/ESM masking; `DataConfig` (the `[data]` section) is one, so the keys are
     `data.mask_probability` and so on."""
 
-    mask_probability: float = 0.15
+    mask_probability: float = bounded(0.15, 0.0, 1.0, low_open=True, high_open=True)
     """Fraction of residues selected for prediction."""
-    mask_fraction: float = 0.8
+    mask_fraction: float = bounded(0.8, 0.0, 1.0)
     """Of those, replaced by <mask>…"""
-    random_fraction: float = 0.1
+    random_fraction: float = bounded(0.1, 0.0, 1.0)
     """…or by a random standard residue; the rest keep their token."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.mask_probability < 1:
-            raise ValueError("data.mask_probability must be in (0, 1)")
+        check_fields(self, "data")
         if self.mask_fraction + self.random_fraction > 1:
             raise ValueError("data.mask_fraction + data.random_fraction must not exceed 1")
 

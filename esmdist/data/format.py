@@ -11,6 +11,8 @@ and the loader that reads it (`esmdist.data.stream`); `shards/README.md` is its 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 
@@ -22,6 +24,46 @@ MANIFEST = "manifest.json"
 
 
 SHARD_TABLE = "shards.parquet"
+
+
+SHARD_NAME = re.compile(r"(?P<split>[a-z][a-z0-9_]*)-\d{6}\.tar")
+"""What the sharder names a shard: `{split}-NNNNNN.tar`, in the dataset's own directory."""
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_shard_row(row: object, split: str, where: str) -> None:
+    """ValueError naming `where` unless `row` of SHARD_TABLE is what the sharder writes: a
+    shard of `split` named as above (nothing outside the dataset: no `/`, no `..`), a positive
+    sample count, a byte size and a sha256 — neither missing, since a missing one would switch
+    the check of the shard off."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row is not a record")
+    name = row.get("name")
+    found = SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
+    if found is None or found["split"] != split:
+        raise ValueError(f"{where}: shard name {name!r} is not '{split}-NNNNNN.tar' (a shard "
+                         "of this split inside the dataset)")  # fmt: skip
+    for key, low in (("samples", 1), ("bytes", 1)):
+        value = row.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{where}: {name}: {key} {value!r} is not a count of at least {low}")
+    if not isinstance(row.get("sha256"), str) or not SHA256.fullmatch(row["sha256"]):
+        raise ValueError(f"{where}: {name}: sha256 {row.get('sha256')!r} is not 64 hex digits")
+
+
+def read_parquet(source: bytes | str, columns: list[str] | None = None) -> pa.Table:
+    """The one way esmdist reads parquet: from bytes in memory or a local path — never from a
+    Python file object — and without pyarrow's reader threads. Handed a Python file object,
+    pyarrow wraps it, and one of its scanner threads may drop the wrapper's last reference
+    after the interpreter has begun to shut down: that thread then takes the GIL, Python ends
+    it with pthread_exit, the unwinding crosses a C++ destructor and the process aborts
+    ("terminate called without an active exception", exit -6) after its work is done —
+    9 in 16 processes that opened a dataset, under load (core dumps: the thread is in
+    arrow::py::PyReadableFile::~PyReadableFile)."""
+    import pyarrow.parquet as pq
+
+    readable = pa.BufferReader(source) if isinstance(source, bytes) else source
+    return pq.read_table(readable, columns=columns, use_threads=False)
 
 
 # murmur3's 64-bit finaliser (a bijection in which each input bit flips about half the output

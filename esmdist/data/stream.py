@@ -24,9 +24,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from esmdist import alphabet
 from esmdist.data.batch import MaskingConfig, PackedBatch, crop, pack, with_specials
-from esmdist.data.format import MANIFEST, SHARD_TABLE, SUPPORTED_FORMATS
+from esmdist.data.format import (
+    MANIFEST,
+    SHARD_TABLE,
+    SUPPORTED_FORMATS,
+    check_shard_row,
+    read_parquet,
+)
 from esmdist.data.order import EpochOrder, OrderState, count, rng, take
-from esmdist.storage import HashingStream
+from esmdist.ranges import bounded, check_fields
+from esmdist.storage import HashingStream, StorageError, Store
 
 _RESIDUES = alphabet.RESIDUE_SYMBOLS.encode()
 
@@ -42,31 +49,26 @@ class DataConfig(MaskingConfig):
     path: str = ""
     """A sharded directory (local or s3://) written by `esmdist shard`, or webdataset shard
     URLs separated by `::` (`s3://…`, `pipe:…`, brace ranges) used as the train split."""
-    max_tokens: int | Literal["auto"] = 16384
+    max_tokens: int | Literal["auto"] = bounded(16384, 3, 2**24)
     """Token budget of one packed micro-batch (<cls>/<eos> included). "auto": the largest that
     fits the GPU, chosen at launch (esmdist.plan.auto_micro_batch), with activation
     recomputation turned on only if it must be; on a CPU, 16,384 or the step's share."""
-    crop_length: int = 1024
+    crop_length: int = bounded(1024, 3, 2**20)
     """Longest sequence fed to the model, in tokens: longer ones get a random window."""
-    num_workers: int = 2
+    num_workers: int = bounded(2, 0, 256)
     """DataLoader worker processes per rank (0: read in the training process)."""
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**63 - 1)
     valid_split: str = "valid"
-    valid_seed: int = 12345
+    valid_seed: int = bounded(12345, 0, 2**63 - 1)
     """Masking seed of the validation stream: the same masks every evaluation and run."""
 
     def __post_init__(self) -> None:
-        if self.crop_length < 3:
-            raise ValueError("data.crop_length must be at least 3 (<cls>, a residue, <eos>)")
+        check_fields(self, "data")
         if self.max_tokens != "auto" and self.max_tokens < self.crop_length:
             raise ValueError(
                 f"data.max_tokens ({self.max_tokens}) must be at least data.crop_length "
                 f"({self.crop_length}) so that every sequence fits a micro-batch"
             )
-        if self.num_workers < 0:
-            raise ValueError("data.num_workers must be >= 0")
-        if self.seed < 0 or self.valid_seed < 0:
-            raise ValueError("data.seed and data.valid_seed must not be negative")
         super().__post_init__()
 
 
@@ -123,13 +125,13 @@ class ShardSet:
 
     @classmethod
     def from_directory(cls, path: str, split: str) -> ShardSet:
-        import fsspec
-        import pyarrow.parquet as pq
-
-        fs, root = fsspec.core.url_to_fs(path)
+        store = Store(path)
         base = path.rstrip("/")
         try:
-            manifest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}"))
+            manifest = json.loads(store.retry(f"reading {base}/{MANIFEST}",
+                                              lambda: store.fs.cat_file(store.path(MANIFEST))))  # fmt: skip
+        except StorageError as exc:
+            raise DataError(str(exc)) from None
         except FileNotFoundError:
             raise DataError(
                 f"{path}: no {MANIFEST} — not a sharded dataset, or its sharding has not "
@@ -148,14 +150,18 @@ class ShardSet:
                 f"versions {SUPPORTED_FORMATS})"
             )
         try:
-            with fs.open(f"{root.rstrip('/')}/{SHARD_TABLE}", "rb") as handle:
-                # Without pyarrow's reader threads: a process that read parquet with them
-                # aborts at exit now and then (apache/arrow#34314; here 8 in 60 `esmdist
-                # check`s), and the shard table is small.
-                table = pq.read_table(handle, use_threads=False)
-                rows = [r for r in table.to_pylist() if r["split"] == split]
+            data = store.retry(f"reading {base}/{SHARD_TABLE}",
+                               lambda: store.fs.cat_file(store.path(SHARD_TABLE)))  # fmt: skip
+            rows = [r for r in read_parquet(data).to_pylist() if r.get("split") == split]
+        except StorageError as exc:
+            raise DataError(str(exc)) from None
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{base}/{SHARD_TABLE}: unreadable ({exc})") from None
+        try:
+            for row in rows:
+                check_shard_row(row, split, f"{base}/{SHARD_TABLE}")
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         if not rows:
             raise DataError(f"{path}: the split {split!r} has no shards")
         return cls([f"{base}/{r['name']}" for r in rows], [r["samples"] for r in rows], split,

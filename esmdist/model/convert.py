@@ -23,7 +23,6 @@ from torch import Tensor
 
 from esmdist import alphabet
 from esmdist.model.config import ModelConfig
-from esmdist.model.esm import ESM
 
 StateDict = dict[str, Tensor]
 
@@ -91,8 +90,13 @@ def _load_trusted_layout(path: Path) -> dict[str, Any]:
         ) from None
     except RuntimeError as exc:
         raise ValueError(f"{path}: not a readable torch checkpoint ({exc})") from None
-    if not isinstance(data, dict) or "model" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), Mapping):
         raise ValueError(f"{path}: not a fair-esm checkpoint (no 'model' state dict)")
+    bad = [
+        k for k, v in data["model"].items() if not isinstance(k, str) or not isinstance(v, Tensor)
+    ]
+    if bad:
+        raise ValueError(f"{path}: its 'model' holds {bad[0]!r}, not a named tensor")
     return data
 
 
@@ -112,16 +116,35 @@ def load_fair_esm_checkpoint(path: str | Path) -> tuple[ModelConfig, StateDict]:
     """Read a published fair-esm checkpoint (`esm2_t6_8M_UR50D.pt`, `esm1b_t33_650M_UR50S.pt`)
     and its `-contact-regression.pt` companion when it sits beside it.
 
-    Returns the esmdist config and state dict. Without the companion, the contact regression
-    keeps its initial values (as fair-esm warns, contacts are then meaningless).
+    Returns the esmdist config and state dict. Without the companion (ESM-1v's files are
+    published so) the contact regression is zero — predicted contacts are then meaningless, as
+    fair-esm warns, until `esmdist eval contacts-fit` fits one — and everything else loads.
     """
     path = Path(path)
     data = _load_trusted_layout(path)
     state = dict(data["model"])
     regression_path = path.with_name(path.stem + "-contact-regression.pt")
-    if regression_path.exists():
+    has_regression = regression_path.exists()
+    if has_regression:
         state.update(_load_trusted_layout(regression_path)["model"])
+    try:
+        config, state = _fair_esm_architecture(data, state, path)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        raise ValueError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
+    if not has_regression:
+        heads = config.num_layers * config.attention_heads
+        state["contact_head.regression.weight"] = torch.zeros(1, heads)
+        state["contact_head.regression.bias"] = torch.zeros(1)
+    config.check_shapes({k: tuple(v.shape) for k, v in state.items()}, str(path))
+    return config, state
 
+
+def _fair_esm_architecture(data: dict, state: StateDict,
+                           path: Path) -> tuple[ModelConfig, StateDict]:  # fmt: skip
+    """The config (cfg: ESM-2; args: ESM-1b) and esmdist's names of a fair-esm file's state."""
     if "cfg" in data:  # ESM-2: fairseq-style cfg with the model arguments under "model"
         cfg = _field(data["cfg"], "model", path)
         config = ModelConfig(
@@ -134,19 +157,25 @@ def load_fair_esm_checkpoint(path: str | Path) -> tuple[ModelConfig, StateDict]:
         state = _strip_prefixes(state)
     elif "args" in data:  # ESM-1 family: training arguments as an argparse.Namespace
         args = vars(data["args"]) if isinstance(data["args"], argparse.Namespace) else data["args"]
+        if not isinstance(args, Mapping):
+            raise ValueError(f"{path}: its 'args' are neither a Namespace nor a mapping")
         if args.get("arch") != "roberta_large":
             raise ValueError(
                 f"{path}: architecture {args.get('arch')!r} is not supported; esmdist reads "
                 "ESM-2 and ESM-1b ('roberta_large') checkpoints"
             )
-        args = {re.sub(r"^encoder_", "", k): v for k, v in args.items()}
-        config = _esm1b_config(args)
+        args = {re.sub(r"^encoder_", "", str(k)): v for k, v in args.items()}
+        try:
+            config = _esm1b_config(args)
+        except KeyError as exc:
+            raise ValueError(f"{path}: fair-esm args have no {exc.args[0]!r}") from None
         state = _strip_prefixes(state)
         if not any(k.startswith("emb_layer_norm_before") for k in state):
             raise ValueError(f"{path}: ESM-1b checkpoint without emb_layer_norm_before")
         # fair-esm zeroes the <mask> embedding on load: token dropout treats <mask> as dropped.
-        state["embed_tokens.weight"] = state["embed_tokens.weight"].clone()
-        state["embed_tokens.weight"][alphabet.MASK].zero_()
+        if "embed_tokens.weight" in state:
+            state["embed_tokens.weight"] = state["embed_tokens.weight"].clone()
+            state["embed_tokens.weight"][alphabet.MASK].zero_()
     else:
         raise ValueError(f"{path}: not a fair-esm checkpoint (neither 'cfg' nor 'args')")
     return config, from_fair_esm_state_dict(state)
@@ -292,34 +321,57 @@ def save_hf(state_dict: Mapping[str, Tensor], config: ModelConfig, out_dir: str 
     return out
 
 
+def _hf_architecture(config_file: Path) -> ModelConfig:
+    """The architecture a Hugging Face config.json describes, every value checked."""
+    try:
+        hf = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind not in ("rotary", "absolute"):
+        raise ValueError(f"{config_file}: position_embedding_type {kind!r} is not supported")
+    try:
+        positions = hf["max_position_embeddings"]
+        if not isinstance(positions, int) or isinstance(positions, bool):
+            raise ValueError(f"max_position_embeddings must be an integer, got {positions!r}")
+        return ModelConfig(
+            arch="esm2" if kind == "rotary" else "esm1b",
+            num_layers=hf["num_hidden_layers"],
+            embed_dim=hf["hidden_size"],
+            attention_heads=hf["num_attention_heads"],
+            ffn_embed_dim=hf["intermediate_size"],
+            token_dropout=hf.get("token_dropout", False),
+            max_positions=positions - alphabet.PAD - 1,
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            vocab_size=hf.get("vocab_size", alphabet.VOCAB_SIZE),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{config_file}: no {exc.args[0]!r}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{config_file}: {exc}") from None
+
+
 def load_hf(path: str | Path) -> tuple[ModelConfig, StateDict]:
-    """Read an `EsmForMaskedLM` directory written by esmdist or by transformers."""
-    from safetensors.torch import load_file
+    """Read an `EsmForMaskedLM` directory written by esmdist or by transformers: its config
+    checked, then every tensor's shape in the safetensors header against the config's, and
+    only then the tensors read."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     config_file, weights_file = path / "config.json", path / "model.safetensors"
     for needed in (config_file, weights_file):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: missing from the Hugging Face model directory")
-    hf = json.loads(config_file.read_text())
-    kind = hf.get("position_embedding_type", "absolute")
-    if kind not in ("rotary", "absolute"):
-        raise ValueError(f"{config_file}: position_embedding_type {kind!r} is not supported")
-    config = ModelConfig(
-        arch="esm2" if kind == "rotary" else "esm1b",
-        num_layers=hf["num_hidden_layers"],
-        embed_dim=hf["hidden_size"],
-        attention_heads=hf["num_attention_heads"],
-        ffn_embed_dim=hf["intermediate_size"],
-        token_dropout=hf.get("token_dropout", False),
-        max_positions=hf["max_position_embeddings"] - alphabet.PAD - 1,
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-    )
-    with torch.device("meta"):
-        reverse = {_hf_name(k): k for k in ESM(config).state_dict()}
-    weights = load_file(weights_file)
-    state = {reverse[k]: v for k, v in weights.items() if k in reverse}
-    missing = sorted(set(reverse.values()) - set(state))
-    if missing:
-        raise ValueError(f"{weights_file}: missing weights {', '.join(missing[:5])}")
+    config = _hf_architecture(config_file)
+    reverse = {_hf_name(k): k for k in config.parameter_shapes()}
+    try:
+        with safe_open(weights_file, framework="pt") as opened:
+            names = [k for k in opened.keys() if k in reverse]  # noqa: SIM118 (no __iter__)
+            shapes = {reverse[k]: tuple(opened.get_slice(k).get_shape()) for k in names}
+            config.check_shapes(shapes, f"{config_file} and {weights_file.name}")
+            state = {reverse[k]: opened.get_tensor(k) for k in names}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{weights_file}: not a readable safetensors file ({exc})") from None
     return config, state

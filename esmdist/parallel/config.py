@@ -5,22 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from esmdist.ranges import check_range
+from esmdist.ranges import bounded, check_fields
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     backend: Literal["single", "ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
+    zero_stage: int = bounded(2, 1, 3)
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
     cpu_offload: bool = False
     """DeepSpeed: keep optimizer state in CPU memory."""
     meta_init: bool = False
     """FSDP: build on the meta device and initialise each shard in place (for sizes that do not
     fit one CPU copy). Off: every rank builds the full model from train.seed, then shards."""
-    peak_tflops: float = 0.0
+    peak_tflops: float = bounded(0.0, 0.0, 1e6)
     """Peak dense TFLOP/s of one device in train.dtype, for MFU (0: look it up for known GPUs)."""
-    prefetch_blocks: int = 1
+    prefetch_blocks: int = bounded(1, 0, 64)
     """FSDP: all-gather the parameters of this many blocks ahead of the one computing, in
     forward and in backward, issued before that block's kernels (explicit prefetch: the
     transfer overlaps compute even when the host issues kernels no faster than the GPU runs
@@ -28,7 +28,7 @@ class ParallelConfig:
     overlap_comm: bool = True
     """DeepSpeed: reduce gradient buckets on a side stream while backward runs (ZeRO's
     overlap_comm; DeepSpeed's own default only at stage 3). Costs bucket buffers (plan)."""
-    bucket_elements: int = 200_000_000
+    bucket_elements: int = bounded(200_000_000, 1, 2**40)
     """DeepSpeed: elements per gradient-reduction and parameter all-gather bucket (capped at
     the model's parameters: DeepSpeed allocates its buckets whole)."""
     low_precision_weights: bool = True
@@ -45,8 +45,4 @@ class ParallelConfig:
         return self.backend
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        check_range("parallel", "peak_tflops", self.peak_tflops, 0.0)
-        check_range("parallel", "prefetch_blocks", self.prefetch_blocks, 0)
-        check_range("parallel", "bucket_elements", self.bucket_elements, 1)
+        check_fields(self, "parallel")

@@ -9,6 +9,7 @@ runs on the cluster is exactly what was printed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -44,6 +45,10 @@ class JobOptions:
     sbatch_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            for text in value if isinstance(value, tuple) else (value,):
+                one_line(str(text), f"--{item.name.replace('_', '-')}")
         if not TIME.match(self.time):
             raise ValueError(f"--time {self.time!r}: use HH:MM:SS, MM, D-HH:MM or D-HH:MM:SS")
         for name in ("nodes", "ntasks_per_node"):
@@ -62,8 +67,8 @@ class JobOptions:
         log = (self.log_dir.resolve() / "%x-%j.out").as_posix()
         lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}",
                  f"--ntasks-per-node={self.ntasks_per_node}", f"--time={self.time}",
-                 "--requeue", "--open-mode=append", f"--output={log}",
-                 f"--chdir={Path.cwd()}"]  # fmt: skip
+                 "--requeue", "--open-mode=append", f"--output={one_line(log, '--log-dir')}",
+                 f"--chdir={one_line(str(Path.cwd()), 'the working directory')}"]  # fmt: skip
         if self.gpus_per_node:
             lines.append(f"--gpus-per-node={self.gpus_per_node}")
         if self.signal_seconds:
@@ -85,6 +90,17 @@ class JobOptions:
         return env
 
 
+def one_line(value: str, option: str) -> str:
+    """`value`, if it holds no control character: a newline in a #SBATCH line or a comment of
+    the job script starts a shell line of its own (and sbatch stops reading #SBATCH lines at
+    it), so each value that lands there unquoted is refused here, naming `option`."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{option} {value!r}: holds the control character {bad!r}, which "
+                         "would break the job script; remove it")  # fmt: skip
+    return value
+
+
 def template_body(name: str) -> str:
     """The template's lines after its last #SBATCH line (the job itself)."""
     lines = (TEMPLATES / name).read_text().splitlines(keepends=True)
@@ -96,7 +112,7 @@ def render(template: str, options: JobOptions, arguments: list[str], source: str
     """The job script: a header from `options`, then the body of `template`."""
     header = ["#!/usr/bin/env bash",
               f"# Rendered by `esmdist submit` on {datetime.now().isoformat(timespec='seconds')} "
-              f"from {source}; body: esmdist/slurm/{template}."]  # fmt: skip
+              f"from {one_line(source, 'the config path')}; body: esmdist/slurm/{template}."]  # fmt: skip
     header += [f"#SBATCH {line}" for line in options.sbatch_lines()]
     header += [f"export {key}={shlex.quote(value)}"
                for key, value in options.environment(sys.executable).items()]  # fmt: skip
