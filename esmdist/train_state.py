@@ -201,7 +201,7 @@ def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size
 
 
 def schedule_change(run: JobConfig, saved: Any, step: int) -> str:
-    """"" when the learning-rate schedule of `run` is the one the checkpoint's run (config
+    """ "" when the learning-rate schedule of `run` is the one the checkpoint's run (config
     `saved`) followed; else the line that says how it changes from `step` on — a longer
     max_steps re-stretches the decay, so the rate jumps: allowed, never silent."""
     try:
@@ -218,8 +218,10 @@ def schedule_change(run: JobConfig, saved: Any, step: int) -> str:
     changed = [f"train.max_steps {their_steps} → {our_steps}"] if our_steps != their_steps else []
     changed += [f"optim.{k} {getattr(theirs, k)} → {getattr(ours, k)}" for k in keys
                 if getattr(ours, k) != getattr(theirs, k)]  # fmt: skip
-    return (f"the learning-rate schedule changes at this resume ({', '.join(changed)}): at step "
-            f"{step} the rate is {after:.3g} where the checkpoint's run had {before:.3g}")
+    return (
+        f"the learning-rate schedule changes at this resume ({', '.join(changed)}): at step "
+        f"{step} the rate is {after:.3g} where the checkpoint's run had {before:.3g}"
+    )
 
 
 def resumable(checkpointer: Checkpointer, where: str, run: JobConfig, world_size: int,
