@@ -36,9 +36,9 @@ def exit_process(code: int) -> NoReturn:
     exit status that fails a job, a requeue decision, a test. Every esmdist entry point ends
     here."""
     try:
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        # What the interpreter itself does first at exit: the threading module's own exit
+        # hooks (concurrent.futures tells its workers to stop), then non-daemon threads joined.
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

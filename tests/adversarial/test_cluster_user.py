@@ -131,14 +131,14 @@ def test_wrong_credentials_for_the_checkpoint_root(s3_server, small_shards, tmp_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--train.tokens_per_step=0", "train.tokens_per_step must be at least 1, got 0"),
-    ("--train.max_steps=-1", "train.max_steps must be at least 1, got -1"),
-    ("--train.max_steps=0", "train.max_steps must be at least 1, got 0"),
+    ("--train.tokens_per_step=0", "train.tokens_per_step must be in [1, 17179869184], got 0"),
+    ("--train.max_steps=-1", "train.max_steps must be in [1, 10000000000], got -1"),
+    ("--train.max_steps=0", "train.max_steps must be in [1, 10000000000], got 0"),
     ("--optim.lr=nan", "optim.lr: expected a finite number, got 'nan'"),
-    ("--optim.lr=-1e-3", "optim.lr must be above 0.0, got -0.001"),
-    ("--optim.warmup_steps=-5", "optim.warmup_steps must be at least 0, got -5"),
-    ("--checkpoint.keep=0", "checkpoint.keep must be at least 1, got 0"),
-    ("--data.mask_probability=1.5", "data.mask_probability must be in (0, 1)"),
+    ("--optim.lr=-1e-3", "optim.lr must be in (0.0, 1.0], got -0.001"),
+    ("--optim.warmup_steps=-5", "optim.warmup_steps must be in [0, 10000000000], got -5"),
+    ("--checkpoint.keep=0", "checkpoint.keep must be in [1, 1000000], got 0"),
+    ("--data.mask_probability=1.5", "data.mask_probability must be in (0.0, 1.0), got 1.5"),
     ("--train.log_every=true", "train.log_every: expected int, got 'true'"),
 ])  # fmt: skip
 def test_nonsense_in_the_config_names_the_key(override, message):

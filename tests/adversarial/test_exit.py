@@ -158,3 +158,16 @@ def test_twenty_processes_open_a_dataset_and_exit_cleanly_on_a_busy_machine(smal
             process.wait()
     assert statuses == [0] * 20, (statuses, [e for e in said if e][:2])
     assert not any("terminate" in e for e in said)
+
+
+def test_the_clean_exit_stops_thread_pools_as_the_interpreter_would():
+    """A pool's worker threads are not daemons: the interpreter's exit tells them to stop
+    before it joins them, and so must exit_process (a compile run's process once hung here)."""
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "from esmdist.process import exit_process\n"
+            "pool = ThreadPoolExecutor(2)\n"
+            "print(pool.submit(lambda: 41 + 1).result(), flush=True)\n"
+            "exit_process(0)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr
