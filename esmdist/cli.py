@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_outputs(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, PermissionError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"esmdist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ from esmdist.checkpoint import (
 )
 from esmdist.config import ModelSpec, build_section
 from esmdist.model import ESM, ModelConfig
+from esmdist.storage import writing
 
 
 def _model_config(checkpoint: Committed) -> ModelConfig:
@@ -94,7 +95,8 @@ def write_final_export(
     out = output_dir / FINAL_EXPORT
     partial = out.with_name(f"{FINAL_EXPORT}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_hf({k: v.float().cpu() for k, v in state.items()}, config, partial)
+    with writing(partial):
+        save_hf({k: v.float().cpu() for k, v in state.items()}, config, partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
@@ -148,11 +150,8 @@ def _download(url: str, scratch: Path) -> Path:
     if not store.exists(name):
         raise FileNotFoundError(f"{url}: no such model file or directory")
     target = scratch / name
-    if store.fs.isdir(store.path(name)):  # a Hugging Face directory (flat)
-        target.mkdir()
-        for file in store.files(name):
-            store.retry(f"downloading {url}/{file}",
-                        lambda f=file: store.fs.get_file(store.path(name, f), str(target / f)))  # fmt: skip
+    if store.fs.isdir(store.path(name)):  # a Hugging Face directory
+        store.download_tree(target, name)
         return target
     companion = name.removesuffix(".pt") + "-contact-regression.pt"
     for file in (name, companion) if store.exists(companion) else (name,):

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"pretrain: {exc}; exiting with {PREEMPTED_EXIT} for requeue", flush=True)
         return PREEMPTED_EXIT
-    except (ValueError, FileNotFoundError, DataError, BadStepsError, StorageError) as exc:
+    except (ValueError, OSError, DataError, BadStepsError, StorageError) as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

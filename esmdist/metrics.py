@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from esmdist.model import ModelConfig
+from esmdist.storage import writing
 
 # Dense peak TFLOP/s per device by (name fragment, dtype), for MFU when not configured.
 PEAK_TFLOPS = {
@@ -74,7 +75,9 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.path = output_dir / "metrics.jsonl"
+        with writing(self.path):
+            self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         if wandb_settings is not None:
             import wandb
 
@@ -93,8 +96,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **record}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
         shown = " ".join(f"{k}={_fmt(k, v)}" for k, v in record.items() if k not in ("time",))
@@ -102,7 +106,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with writing(self.path):
+                self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -11,17 +11,19 @@ second); it exits, removing SCRATCH, when its parent does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -37,10 +39,44 @@ PERMANENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errn
                     errno.ENAMETOOLONG}  # fmt: skip
 Digests = dict[str, tuple[int, str]]
 """Relative file name → (size, sha256 hex)."""
+_NAME_PART = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class StorageError(RuntimeError):
     """A storage operation failed for good; the message names the operation and the object."""
+
+
+def plain_relative(name: str, where: str, error: type[StorageError] = StorageError) -> str:
+    """`name` when it is a relative path of plain parts (letters, digits, `_.-`; no `.` or `..`
+    part) — the one rule for a name read from a listing or a manifest before it is joined to a
+    local or remote directory; else `error` naming `where`."""
+    parts = name.split("/")
+    if not all(_NAME_PART.fullmatch(part) and part not in (".", "..") for part in parts):
+        raise error(f"{where}: {name!r} is not a plain file name inside it (refusing a path "
+                    "that could lead out of it)")  # fmt: skip
+    return name
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Around code that writes the local file or directory `path`: its failure names it. A full
+    disk (ENOSPC, EDQUOT) or an I/O error shows up in write() or close() as an OSError with no
+    file name, and in torch.save's zip writer as a RuntimeError without even an errno; either
+    would reach the user as "[Errno 28] No space left on device" about nothing in particular."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    except RuntimeError as exc:
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OSError(errno.EIO, f"writing failed ({first}; {free / 2**20:.1f} MiB free there)",
+                      str(path)) from None  # fmt: skip
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -176,6 +212,15 @@ class Store:
         found = self.retry(f"listing {self.url_of(*parts)}",
                            lambda: self.fs.find(base, detail=True))  # fmt: skip
         return {k[len(base) + 1 :]: int(v["size"]) for k, v in found.items() if v["type"] == "file"}
+
+    def download_tree(self, local: Path, *parts: str) -> None:
+        """Copy a remote directory, subdirectories included, to `local`."""
+        for name in self.files(*parts):
+            target = local / plain_relative(name, self.url_of(*parts))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = self.path(*parts, name)
+            self.retry(f"downloading {self.url_of(*parts, name)}",
+                       lambda s=source, t=target: self.fs.get_file(s, str(t)))  # fmt: skip
 
     def sha256(self, *parts: str) -> str:
         def digest() -> str:

@@ -59,6 +59,7 @@ from esmdist.plan import resolve_micro_batch
 from esmdist.process import seconds_since_start
 from esmdist.signals import StopRequest, stop_request
 from esmdist.status import PREEMPTED_MARKER
+from esmdist.storage import writing
 from esmdist.train_state import (
     TrainState,
     resumable,
@@ -200,7 +201,8 @@ def _announce(config: JobConfig, info: DistInfo, model_config: ModelConfig, chos
     # The stop marker speaks of this attempt only (the Slurm job script reads it afterwards).
     (out / PREEMPTED_MARKER).unlink(missing_ok=True)
     resolved = json.dumps(config.to_dict(), indent=1, default=list)
-    (out / "config.json").write_text(resolved + "\n")
+    with writing(out / "config.json"):
+        (out / "config.json").write_text(resolved + "\n")
     print(f"resolved config:\n{resolved}", flush=True)
     print(f"world size {info.world_size}, {config.accumulation(info.world_size)} micro-batch(es) "
           f"per rank per step, model {model_config.num_params():,} parameters", flush=True)  # fmt: skip

@@ -26,8 +26,8 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from esmdist.checkpoint.manifest import COMMITTED, CheckpointError, safe_relative
-from esmdist.checkpoint.safe_load import refusal_reason
 from esmdist.checkpoint.scratch import local_scratch, remove_scratch
+from esmdist.model.convert import weights_only_refusal
 from esmdist.storage import Digests, HashingStream, Store
 
 STREAM_FILES = 8
@@ -131,7 +131,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
-                f"{self.url}: refusing to unpickle the stored value {fqn} ({refusal_reason(exc)}; "
+                f"{self.url}: refusing to unpickle the stored value {fqn} ({weights_only_refusal(exc)}; "
                 "a checkpoint must not run code)"
             ) from None
         if self.flatten_state_dict:
@@ -142,17 +142,18 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-def dcp_failures(exc: Exception) -> list[str]:
+def dcp_failures(exc: Exception, where: str = "") -> list[str]:
     """The failures inside DCP's CheckpointException (one per failed rank), ours by their
-    message and others with their type, without DCP's tracebacks; else the exception's text."""
+    message (they name their file) and others with their type after `where`, without DCP's
+    tracebacks; else the exception's text."""
     found = []
     for failure in getattr(exc, "failures", {}).values():
         inner = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(inner, CheckpointError):
             found.append(str(inner))
         elif isinstance(inner, BaseException):
-            found.append(f"{type(inner).__name__}: {inner}")
-    return sorted(set(found)) or [str(exc)]
+            found.append(f"{where}{type(inner).__name__}: {inner}")
+    return sorted(set(found)) or [f"{where}{exc}"]
 
 
 def dcp_writer(store: Store, *parts: str):
@@ -280,9 +281,14 @@ def load_dcp(state: dict, store, *parts: str, expected: Digests, ignored=(), no_
 
     reader = dcp_reader(store, *parts, expected=expected)
     planner = SafeLoadPlanner(store.url_of(*parts), ignored)
+    # A forged .metadata that names entries its files do not hold, offsets past them or
+    # shapes that contradict them fails inside DCP with errors that name no file.
+    where = f"{store.url_of(*parts)}: its DCP metadata does not describe the stored tensors: "
     try:
         dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
     except CheckpointException as exc:  # DCP gathers every rank's failure
-        raise CheckpointError("; ".join(dcp_failures(exc))) from exc
+        raise CheckpointError("; ".join(dcp_failures(exc, where))) from exc
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError) as exc:
+        raise CheckpointError(f"{where}{type(exc).__name__}: {exc}") from None
     finally:
         reader.close()

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esmdist.storage import Digests, StorageError, Store, file_sha256
+from esmdist.storage import Digests, StorageError, Store, file_sha256, plain_relative
 
 COMMITTED = "COMMITTED"
 STEP_DIR = re.compile(r"^step_(\d{9})$")
-_NAME_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -40,15 +39,9 @@ def step_name(step: int) -> str:
 
 
 def safe_relative(name: str, where: str) -> str:
-    """`name` when it is a relative path of plain parts (letters, digits, `_.-`; no `.` or `..`
-    part); else CheckpointError naming `where`."""
-    parts = name.split("/")
-    if not all(_NAME_PART.match(part) and part not in (".", "..") for part in parts):
-        raise CheckpointError(
-            f"{where}: {name!r} is not a plain file name inside the checkpoint (refusing a path "
-            "that could lead out of it)"
-        )
-    return name
+    """`name` when it is a plain relative file name (storage.plain_relative); else
+    CheckpointError naming `where`."""
+    return plain_relative(name, where, CheckpointError)
 
 
 def parse_manifest(data: bytes, url: str) -> Digests:
@@ -100,16 +93,11 @@ class CheckpointStore(Store):
     def download_dir(self, local: Path, *parts: str, expected: Digests | None = None) -> None:
         """Copy a remote directory to `local`; with `expected`, check every file against its
         sha256 (taken on the way) and raise CheckpointError naming the first that differs."""
+        if expected is None:
+            self.download_tree(local, *parts)
+            return
         for name in self.files(*parts):
-            safe_relative(name, self.url_of(*parts))
-            if expected is not None:
-                self.check_file(expected, *parts, name, copy_to=local)
-                continue
-            target = local / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = self.path(*parts, name)
-            self.retry(f"downloading {source}",
-                       lambda s=source, t=target: self.fs.get_file(s, str(t)))  # fmt: skip
+            self.check_file(expected, *parts, name, copy_to=local)
 
     def steps(self) -> tuple[list[int], list[int]]:
         """(committed steps, uncommitted steps), ascending."""

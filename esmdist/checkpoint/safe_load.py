@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from esmdist.checkpoint.manifest import CheckpointError
+from esmdist.model.convert import weights_only_refusal
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NO = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -30,13 +31,6 @@ def deepspeed_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def refusal_reason(exc: Exception) -> str:
-    """The line of torch's weights-only error that names what the pickle asked for."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return (named or lines or [type(exc).__name__])[0]
-
-
 @contextlib.contextmanager
 def torch_pickles_without_code(url: str) -> Iterator[None]:
     """Inside: every torch.load is weights-only with DeepSpeed's three types allowed; a file
@@ -50,7 +44,7 @@ def torch_pickles_without_code(url: str) -> Iterator[None]:
             yield
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{url}: refusing to unpickle a DeepSpeed file: {refusal_reason(exc)} (only tensors, "
+            f"{url}: refusing to unpickle a DeepSpeed file: {weights_only_refusal(exc)} (only tensors, "
             "containers and DeepSpeed's own state types are allowed; a checkpoint must not run "
             "code)"
         ) from None

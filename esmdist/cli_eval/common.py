@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from esmdist.model.config import MODEL_SIZES
+from esmdist.storage import writing
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "data" / "eval"
 """The bundled evaluation sets of a clone (data/eval/README.md)."""
@@ -78,8 +79,9 @@ def write_results(out: str, name: str, summary: dict, rows: list[dict]) -> None:
     """`out/{name}.json` (the summary and every row) and `out/{name}.csv` (the rows)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
-    with open(folder / f"{name}.csv", "w", newline="") as handle:
+    with writing(folder / f"{name}.json"):
+        (folder / f"{name}.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    with writing(folder / f"{name}.csv"), open(folder / f"{name}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

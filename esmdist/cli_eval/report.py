@@ -17,6 +17,7 @@ from esmdist.cli_eval.structure import (
     plot_chain_contacts,
 )
 from esmdist.eval.structure import read_structures
+from esmdist.storage import writing
 
 YAP1 = "dms/YAP1_HUMAN_Fields2012-singles-linear"
 PUBLISHED = {
@@ -130,8 +131,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     metrics["variants"] = summary
     metrics["ss"] = _secondary(model, args, data)
     metrics["homology"] = _homology(model, data, out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "report.md").write_text(_markdown(metrics))
+    with writing(out):
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "report.md").write_text(_markdown(metrics))
     print(f"wrote {out / 'report.md'} and {out / 'metrics.json'}\n" + _summary(metrics))
     return 0
 

@@ -13,8 +13,9 @@ What is normalised (and counted in the report) and what is a policy decision:
   residue;
 - one terminal `*` (a translated stop codon) is removed (`terminal_stop_removed`);
 - characters outside the ESM alphabet, an internal `*` (`internal_stop`), digits, an empty
-  sequence, a header that is not UTF-8, has no id (`>` alone, `> text`) or holds control
-  characters (NUL and the like): governed by `on_invalid` — `error` (default, raise
+  sequence, a header that is not UTF-8, has no id (`>` alone, `> text`), an id that is not
+  printable ASCII without whitespace (`RECORD_ID`) or holds control characters (NUL and the
+  like): governed by `on_invalid` — `error` (default, raise
   FastaError), `skip` (drop the record and count the reason), `map-x` (replace the characters
   with `X`; the problems of the header or an empty sequence are still errors);
 - `min_length`/`max_length` are filters the user asked for: records outside are counted
@@ -45,6 +46,9 @@ _VALID = alphabet.RESIDUE_SYMBOLS.encode()
 _WHITESPACE = b"\r \t\v\f"
 _TO_X = bytes(c if c in _VALID else ord("X") for c in range(256))
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+RECORD_ID = re.compile(r"[!-~]+")
+"""The id rule: printable ASCII, no whitespace — what the sharder writes (`>id` members), what
+every reader accepts and what a cluster table's tab-separated columns can match."""
 _UNIREF = re.compile(r"^(UniRef\d+_\S+)\s*(.*?)\s*((?:n|Tax|TaxID|RepID)=.*)?$")
 _UNIREF_FIELD = re.compile(r"(n|Tax|TaxID|RepID)=(.*?)(?=\s+(?:n|Tax|TaxID|RepID)=|$)")
 _UNIPROT_FIELD = re.compile(r"\b(OS|OX|GN|PE|SV)=(.*?)(?=\s+(?:OS|OX|GN|PE|SV)=|$)")
@@ -165,6 +169,35 @@ def raw_blocks(path: str, handle: InputFile | None = None) -> Iterator[tuple[byt
         record, line = record + block.count(b"\n>") + 1, line + block.count(b"\n")
 
 
+class _BadHeader(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _checked_header(header_bytes: bytes) -> tuple[str, str, dict]:
+    """(header, id, fields) of a header line without its '>', or _BadHeader: the header's
+    problems cannot be mapped to X, only refused or skipped."""
+    try:
+        header = header_bytes.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadHeader("non_utf8_header", f"header is not UTF-8 ({exc.reason} at byte "
+                         f"{exc.start}): {header_bytes[:60]!r}") from None  # fmt: skip
+    control = _CONTROL.search(header)
+    if control:
+        raise _BadHeader("control_character_in_header", f"header has the control character "
+                         f"{control.group()!r}: {header[:60]!r}")  # fmt: skip
+    record_id, fields = parse_header(header)
+    if not record_id:
+        raise _BadHeader("empty_id", f"header {header[:60]!r} has no id (the text right after "
+                         "'>')")  # fmt: skip
+    if not RECORD_ID.fullmatch(record_id):
+        raise _BadHeader("invalid_id", f"id {record_id[:60]!r} is not printable ASCII without "
+                         "whitespace (the one id rule of shards, their readers and cluster "
+                         "tables; --on-invalid skip drops such records)")  # fmt: skip
+    return header, record_id, fields
+
+
 def parse_block(
     path: str,
     block: bytes,
@@ -195,18 +228,9 @@ def parse_block(
             raise FastaError(f"{path}: record {number} (line {line}): {message}{hint}")
 
         try:
-            header = header_bytes.rstrip(b"\r").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if problem("non_utf8_header", f"header is not UTF-8 ({exc.reason} at byte "
-                       f"{exc.start}): {header_bytes[:60]!r}", fixable=False):  # fmt: skip
-                continue
-        control = _CONTROL.search(header)
-        if control and problem("control_character_in_header", f"header has the control "
-                               f"character {control.group()!r}: {header[:60]!r}", fixable=False):  # fmt: skip
-            continue
-        record_id, fields = parse_header(header)
-        if not record_id and problem("empty_id", f"header {header[:60]!r} has no id (the text "
-                                     "right after '>')", fixable=False):  # fmt: skip
+            header, record_id, fields = _checked_header(header_bytes)
+        except _BadHeader as bad:
+            problem(bad.reason, str(bad), fixable=False)  # raises, or counts a skip
             continue
         seq = body.replace(b"\n", b"")
         if seq.translate(None, _WHITESPACE) != seq:

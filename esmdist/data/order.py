@@ -150,6 +150,21 @@ class OrderState:
             },
         )
 
+    def check(self, total: int) -> None:
+        """ValueError unless this state can be a reader's over `total` samples: each slot's read
+        count within its run of its epoch (a count past it would silently skip the rest of the
+        data), consumed positions inside the epoch, epochs not negative."""
+        for epoch, intervals in self.consumed.items():
+            if epoch < 0 or any(not 0 <= a < b <= total for a, b in intervals):
+                raise ValueError(f"data order: consumed positions {intervals[:3]} of epoch "
+                                 f"{epoch} lie outside the dataset's {total:,} samples")  # fmt: skip
+        for slot, (epoch, read) in enumerate(self.slots):
+            run = count(self.run(total, slot, epoch)) if epoch >= 0 else -1
+            if epoch < 0 or not 0 <= read <= run:
+                raise ValueError(f"data order: slot {slot} has read {read:,} samples of epoch "
+                                 f"{epoch}, whose run holds {max(run, 0):,} of the dataset's "
+                                 f"{total:,}: not a state of this dataset")  # fmt: skip
+
     def resized(self, total: int, num_slots: int) -> OrderState:
         """This state laid out anew on `num_slots` slots (exact when the number is the same)."""
         if num_slots == len(self.slots):

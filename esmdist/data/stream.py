@@ -394,6 +394,12 @@ class TrainLoader:
         self.rotation = 0
         if resume is not None:
             order = OrderState.from_dict(resume["order"])
+            try:
+                order.check(shards.total)
+            except ValueError as exc:
+                raise DataError(
+                    f"{shards.urls[0].rsplit('/', 1)[0]}: the checkpoint's {exc}"
+                ) from None
             if len(order.slots) == slots and len(resume["rotations"]) == world_size:
                 self.rotation = resume["rotations"][rank]
             order = order.resized(shards.total, slots)

@@ -25,6 +25,7 @@ import torch
 from esmdist import alphabet
 from esmdist.eval.offload import compute_device
 from esmdist.eval.structure import Chain
+from esmdist.storage import writing
 
 FORMAT = "esmdist-contact-regression/1"
 MIN_SEPARATION = 6
@@ -121,7 +122,8 @@ def apply_regression(model, fitted: ContactRegression, where: str = "the regress
 
 def save_regression(fitted: ContactRegression, path: str | Path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(asdict(fitted), indent=1))
+    with writing(path):
+        path.write_text(json.dumps(asdict(fitted), indent=1))
     return path
 
 
@@ -131,8 +133,9 @@ def load_regression(path: str | Path) -> ContactRegression:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such contact-regression file")
     if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = state.get("model") if isinstance(state, dict) else None
+        from esmdist.model.convert import load_fair_esm_layout
+
+        model = load_fair_esm_layout(path)["model"]
         try:
             weight = model["contact_head.regression.weight"].flatten().tolist()
             bias = float(model["contact_head.regression.bias"].flatten()[0])

@@ -22,6 +22,7 @@ import torch
 
 from esmdist import alphabet
 from esmdist.eval.offload import compute_device
+from esmdist.storage import writing
 
 
 @dataclass
@@ -135,9 +136,10 @@ def embed_fasta(model, records: Iterable, out: str, layers: list[int], per_resid
         for chunk in _chunks(records, limit, report):
             columns = _embed_chunk(model, chunk, layers, per_residue, max_tokens)
             table = _table(columns, config.embed_dim)
-            if writer is None:
-                writer = pq.ParquetWriter(partial, table.schema)
-            writer.write_table(table)
+            with writing(partial):
+                if writer is None:
+                    writer = pq.ParquetWriter(partial, table.schema)
+                writer.write_table(table)
             report.sequences += len(chunk)
     except BaseException:
         if writer is not None:
@@ -146,7 +148,8 @@ def embed_fasta(model, records: Iterable, out: str, layers: list[int], per_resid
         raise
     if writer is None:
         raise ValueError("no sequences to embed")
-    writer.close()
+    with writing(partial):
+        writer.close()
     partial.rename(out)
     return report
 

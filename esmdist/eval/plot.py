@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from esmdist.storage import writing
+
 PANELS = (("loss", "training loss"), ("valid_perplexity", "validation perplexity"),
           ("tokens_per_s", "tokens / s"), ("lr", "learning rate"))  # fmt: skip
 
@@ -41,7 +43,8 @@ def _save(figure, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    with writing(out):
+        figure.savefig(out, dpi=100)
     _pyplot().close(figure)
     return out
 

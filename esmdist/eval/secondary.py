@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from esmdist.eval.embed import residue_features
+from esmdist.storage import writing
 
 STATES = {3: "HEC", 8: "GHIEBTSC"}
 """DSSP 3-state (helix, strand, coil) and 8-state alphabets as NetSurfP-2.0 writes them."""
@@ -99,8 +100,9 @@ class Probe:
     def save(self, path: str | Path) -> Path:
         meta = {"format": PROBE_FORMAT, "layer": self.layer, "states": self.states,
                 "trained_on": self.trained_on, "residues": self.residues}  # fmt: skip
-        np.savez(path, meta=np.array(json.dumps(meta)), coef=self.coef,
-                 intercept=self.intercept, mean=self.mean, scale=self.scale)  # fmt: skip
+        with writing(path):
+            np.savez(path, meta=np.array(json.dumps(meta)), coef=self.coef,
+                     intercept=self.intercept, mean=self.mean, scale=self.scale)  # fmt: skip
         return Path(path)
 
     @classmethod

@@ -77,18 +77,32 @@ def to_fair_esm_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig
     return out
 
 
-def _load_trusted_layout(path: Path) -> dict[str, Any]:
+def weights_only_refusal(exc: Exception) -> str:
+    """The line of torch's weights-only error that names what the pickle asked for."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0]
+
+
+def load_fair_esm_layout(path: Path) -> dict[str, Any]:
+    """A fair-esm `.pt` file's dict (a `model` mapping of named tensors, and its `cfg` or
+    `args`), read weights-only: anything else pickled is refused, naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if start[:4] != b"PK\x03\x04" and start[:1] != b"\x80":  # torch.save's zip, or a pickle
+        raise ValueError(f"{path}: not a readable torch checkpoint (starts with {start!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"{path}: refused to load — it holds pickled objects other than tensors and "
-            f"argparse.Namespace, and loading those could run arbitrary code ({exc})"
+            f"argparse.Namespace, and loading those could run arbitrary code "
+            f"({weights_only_refusal(exc)})"
         ) from None
-    except RuntimeError as exc:
+    except (RuntimeError, EOFError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable torch checkpoint ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), Mapping):
         raise ValueError(f"{path}: not a fair-esm checkpoint (no 'model' state dict)")
@@ -121,12 +135,12 @@ def load_fair_esm_checkpoint(path: str | Path) -> tuple[ModelConfig, StateDict]:
     fair-esm warns, until `esmdist eval contacts-fit` fits one — and everything else loads.
     """
     path = Path(path)
-    data = _load_trusted_layout(path)
+    data = load_fair_esm_layout(path)
     state = dict(data["model"])
     regression_path = path.with_name(path.stem + "-contact-regression.pt")
     has_regression = regression_path.exists()
     if has_regression:
-        state.update(_load_trusted_layout(regression_path)["model"])
+        state.update(load_fair_esm_layout(regression_path)["model"])
     try:
         config, state = _fair_esm_architecture(data, state, path)
     except (ValueError, TypeError) as exc:

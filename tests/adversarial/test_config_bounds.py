@@ -114,3 +114,23 @@ def test_a_forged_model_config_is_refused_before_anything_is_built(tmp_path):
         assert "Traceback" not in done.stderr and time.monotonic() - started < 60
     (model / "config.json").write_text("{not json")
     assert main(["export", str(model), "--to", "hf", str(tmp_path / "out")]) == 2
+
+
+def test_under_torchrun_each_rank_ends_a_config_error_with_its_one_line_and_status_2(tmp_path):
+    """Under torchrun a config error was the line, then ~40 lines of traceback and status 1:
+    now each rank prints the line and exits 2; torchrun's own summary follows (its
+    ChildFailedError report, which names each rank's status), and it exits 1."""
+    from pathlib import Path
+
+    from tests.distributed import free_port
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    done = run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                "launcher/pretrain.py", "--config", "configs/debug-cpu.toml",
+                "--model.overrides.attention_heads=0", f"--train.output_dir={tmp_path}"],
+               timeout=300)  # fmt: skip
+    ours = [line for line in done.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert len(ours) == 2 and all("attention_heads" in line for line in ours), done.stderr
+    assert "exitcode  : 2" in done.stderr, done.stderr
+    esmdist_frames = [line for line in done.stderr.splitlines() if "/esmdist/" in line]
+    assert not esmdist_frames, done.stderr

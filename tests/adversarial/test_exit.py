@@ -171,3 +171,24 @@ def test_the_clean_exit_stops_thread_pools_as_the_interpreter_would():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=REPO)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_a_status_of_1():
+    """Whatever escapes a command — a bug, a library's own error — ends as one line naming it
+    and status 1, never a traceback; ESMDIST_DEBUG=1 shows where."""
+    code = ("from esmdist.process import run_entry_point\n"
+            "def main():\n"
+            "    raise KeyError('MetadataIndex(fqn=x)')\n"
+            "run_entry_point('esmdist', main)\n")  # fmt: skip
+    import os
+
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd=REPO)  # fmt: skip
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines() == [
+        "esmdist: internal error: KeyError: 'MetadataIndex(fqn=x)' (a bug in esmdist: "
+        "ESMDIST_DEBUG=1 shows where; please report it)"
+    ]
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**os.environ, "ESMDIST_DEBUG": "1"})  # fmt: skip
+    assert loud.returncode == 1 and "Traceback" in loud.stderr

@@ -143,7 +143,9 @@ def test_names_in_committed_stay_inside_the_checkpoint(trained, tmp_path):
     manifest = json.loads((step / COMMITTED).read_text())
     manifest["files"]["../../outside"] = [3, "0" * 64]
     (step / COMMITTED).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"'\.\./\.\./outside' is not a plain file name"):
+    with pytest.raises(
+        CheckpointError, match=r"'\.\./\.\./outside' is not a plain file name inside it"
+    ):
         consolidated_weights(str(step))
 
 
@@ -179,3 +181,45 @@ def test_a_damaged_marker_is_named(marker, trained, small_shards, tmp_path):
     (root / STEP / COMMITTED).write_bytes(marker)
     with pytest.raises(CheckpointError, match=rf"{STEP}/COMMITTED: "):
         train(job(small_shards, tmp_path / "out", str(root), steps=6))
+
+
+def _drop_storage_entry(metadata) -> None:
+    del metadata.storage_data[next(iter(metadata.storage_data))]
+
+
+def _shift_offset(metadata) -> None:
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first] = dataclasses.replace(metadata.storage_data[first],
+                                                       offset=10**12)  # fmt: skip
+
+
+def _shrink_length(metadata) -> None:
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first] = dataclasses.replace(metadata.storage_data[first], length=3)
+
+
+def _wrong_shape(metadata) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    name, entry = next((k, v) for k, v in metadata.state_dict_metadata.items()
+                       if isinstance(v, TensorStorageMetadata))  # fmt: skip
+    metadata.state_dict_metadata[name] = dataclasses.replace(entry, size=torch.Size([3, 3, 3]))
+
+
+@pytest.mark.parametrize(
+    "forge", [_drop_storage_entry, _shift_offset, _shrink_length, _wrong_shape]
+)
+def test_forged_dcp_metadata_fields_are_one_error_naming_the_checkpoint(forge, trained, small_shards,
+                                                                        tmp_path):  # fmt: skip
+    """Metadata that names entries its files do not hold, offsets past them, lengths or shapes
+    that contradict them: a traceback (`KeyError: MetadataIndex(...)`) that named no file."""
+    root = copy_checkpoint_root(trained, tmp_path / "root")
+    folder = root / STEP / "model_optim"
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own file: trusted
+    forge(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    revouch(root / STEP)
+    done = run(launcher(small_shards, tmp_path / "out", str(root), steps=6))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert str(root / STEP) in last, last

@@ -177,3 +177,106 @@ def test_resuming_with_a_longer_schedule_says_how_the_rate_changes(trained, tmp_
                                                            "--optim.warmup_steps=1"])  # fmt: skip
     said = schedule_change(config, saved, 4)
     assert "train.max_steps 4 → 40" in said and "at step 4 the rate is" in said
+
+
+@pytest.mark.parametrize("header", ["protéine_1 a French name", "sp\tP12345 a tab"])
+def test_the_sharder_keeps_to_the_id_rule_its_readers_accept(header, tmp_path, capsys,
+                                                             demo_records):  # fmt: skip
+    """`>protéine_1` was sharded with exit 0, and every reader then refused the shard; a tab
+    inside an id was stored and could never match a cluster table."""
+    from esmdist.data.stream import ShardSet
+
+    fasta = tmp_path / "in.fasta"
+    good = "".join(f">{h}\n{s}\n" for h, s in demo_records[:30])
+    fasta.write_text(good + f">{header}\n{demo_records[31][1]}\n")
+    assert main(["shard", str(fasta), "--out", str(tmp_path / "refused")]) == 2
+    said = capsys.readouterr().err
+    assert "record 31" in said and "printable ASCII without whitespace" in said
+    assert main(["shard", str(fasta), "--out", str(tmp_path / "kept"), "--on-invalid",
+                 "skip"]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert "invalid_id" in json.dumps(manifest)
+    shards = ShardSet.open(str(tmp_path / "kept"), "train")
+    assert sum(len(shards.read(i)) for i in range(len(shards.urls))) == 30
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_a_payload_in_a_contact_regression_file_is_refused_naming_it(tmp_path):
+    from esmdist.eval.contact_fit import load_regression
+
+    path = tmp_path / "esm2_t2-contact-regression.pt"
+    torch.save({"model": {"contact_head.regression.weight": _RunsCode()}}, path)
+    with pytest.raises(ValueError, match=f"{path}: refused to load"):
+        load_regression(path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=f"{path}: not a readable torch checkpoint"):
+        load_regression(path)
+
+
+def test_a_data_position_past_the_dataset_is_refused_at_resume(trained, small_shards, tmp_path):
+    """A slot's read count past its run (train_state.json edited, or a checkpoint resumed on
+    another dataset of the same fingerprint rules) silently skipped the rest of the epoch."""
+    from tests.adversarial.helpers import edit_json, launcher, revouch
+
+    root = copy_checkpoint_root(trained, tmp_path / "root")
+    step = root / "step_000000004"
+    edit_json(step / "train_state.json",
+              lambda state: state["data"]["order"].update(slots=[[0, 10**9]]))  # fmt: skip
+    revouch(step)
+    done = run(launcher(small_shards, tmp_path / "out", str(root), steps=6))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "has read 1,000,000,000 samples of epoch 0" in done.stderr
+
+
+def test_a_model_directory_in_s3_is_fetched_with_its_subfolders_and_safe_names(trained, s3_server,
+                                                                                s3_env, tmp_path):  # fmt: skip
+    """A flat copy of an S3 model directory failed on any subfolder (a tokenizer or a
+    checkpoint kept beside the weights, as Hugging Face repositories have), and joined listed
+    object names to the local directory unchecked."""
+    from esmdist.export import model_weights
+    from esmdist.model import convert
+    from esmdist.storage import StorageError, plain_relative
+
+    config, state = model_weights(str(trained / "step_000000004"))
+    local = convert.save_hf(state, config, tmp_path / "hf")
+    (local / "extra" / "deeper").mkdir(parents=True)
+    (local / "extra" / "deeper" / "notes.txt").write_text("kept beside the weights\n")
+    fs = s3_server.filesystem()
+    fs.mkdir("models", exist_ok=True)
+    fs.put(str(local), "models/hf", recursive=True)
+    fetched_config, fetched = model_weights("s3://models/hf")
+    assert fetched_config == config
+    assert all(torch.equal(fetched[k], state[k]) for k in state)
+    for name in ("../outside", "a/../../b", "/etc/passwd", "a//b", "x\nline"):
+        with pytest.raises(StorageError, match="s3://models/hf: .* not a plain file name"):
+            plain_relative(name, "s3://models/hf")
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(small_shards, tmp_path):
+    """ENOSPC arrives in write() or close() as an OSError without a file name (and in
+    torch.save as a RuntimeError without an errno): "[Errno 28] No space left on device" named
+    nothing. /dev/full fails every write with ENOSPC."""
+    from esmdist.storage import writing
+    from tests.adversarial.helpers import launcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    done = run(launcher(small_shards, out, str(tmp_path / "root")))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"No space left on device: '{out / 'metrics.jsonl'}'" in done.stderr.splitlines()[-1]
+
+    (tmp_path / "model.pt").symlink_to("/dev/full")
+    full = pytest.raises(OSError, match="writing failed .* MiB free there.*model.pt")
+    with full, writing(tmp_path / "model.pt"):
+        torch.save({"weight": torch.zeros(4096)}, tmp_path / "model.pt")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "variants.csv").symlink_to("/dev/full")
+    from esmdist.cli_eval.common import write_results
+
+    with pytest.raises(OSError, match="No space left on device: '.*variants.csv'"):
+        write_results(str(tmp_path / "results"), "variants", {}, [{"a": 1}] * 10)

@@ -134,6 +134,9 @@ def test_a_killed_sharder_leaves_no_worker_and_no_lock(tmp_path):
         return [int(c) for c in children.read_text().split()] if children.exists() else []
 
     running = wait_until(lambda: len(workers()) >= 2 and workers(), 120, "workers start", main)
+    # Frozen, the first run holds its lock for as long as the test needs: on a fast machine it
+    # could otherwise finish before the second run has imported esmdist. Its workers go on.
+    os.kill(main.pid, signal.SIGSTOP)
     second = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert second.returncode == 2
