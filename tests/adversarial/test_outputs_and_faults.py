@@ -246,14 +246,15 @@ def test_a_model_directory_in_s3_is_fetched_with_its_subfolders_and_safe_names(t
     (local / "extra" / "deeper").mkdir(parents=True)
     (local / "extra" / "deeper" / "notes.txt").write_text("kept beside the weights\n")
     fs = s3_server.filesystem()
-    fs.mkdir("models", exist_ok=True)
-    fs.put(str(local), "models/hf", recursive=True)
-    fetched_config, fetched = model_weights("s3://models/hf")
+    fs.mkdir("model-subfolders")
+    fs.put(str(local), "model-subfolders/hf", recursive=True)
+    where = "s3://model-subfolders/hf"
+    fetched_config, fetched = model_weights(where)
     assert fetched_config == config
     assert all(torch.equal(fetched[k], state[k]) for k in state)
     for name in ("../outside", "a/../../b", "/etc/passwd", "a//b", "x\nline"):
-        with pytest.raises(StorageError, match="s3://models/hf: .* not a plain file name"):
-            plain_relative(name, "s3://models/hf")
+        with pytest.raises(StorageError, match=f"{where}: .* not a plain file name"):
+            plain_relative(name, where)
 
 
 def test_a_full_disk_names_the_file_it_could_not_write(small_shards, tmp_path):
