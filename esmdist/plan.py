@@ -94,7 +94,8 @@ class Setup:
     bucket_elements: int = 200_000_000
     """DeepSpeed: elements per reduction bucket (parallel.bucket_elements)."""
     low_precision_weights: bool = True
-    """single in bf16: bf16 compute copies of the matmul weights (parallel.low_precision_weights)."""
+    """bf16 weights for compute (parallel.low_precision_weights): single's copies of the matmul
+    weights; ddp's FSDP2 policy over a replicate mesh."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -145,13 +146,23 @@ def _block(setup: Setup) -> int:
     return block_params(setup.model) // setup.model.num_layers
 
 
+def _low_precision(setup: Setup) -> bool:
+    return setup.dtype == "bf16" and setup.low_precision_weights
+
+
 def state_bytes(setup: Setup) -> dict[str, float]:
     """Parameters, gradients, optimizer state and the engine's buffers, per GPU."""
     p, n, block = setup.model.num_params(), setup.gpus, _block(setup)
     kind = setup.sharding
+    if kind == "none" and setup.backend == "ddp" and n > 1 and _low_precision(setup):
+        # FSDP2 over a (world × 1) mesh: the bf16 weights kept through the step's backward,
+        # fp32 gradients accumulated beside the reduced ones, one block's reduction in flight.
+        accumulated = 4.0 * p if setup.accumulation > 1 else 0.0
+        return {"parameters": 4.0 * p, "gradients": 4.0 * p + accumulated, "optimizer": 8.0 * p,
+                "buffers": 2.0 * p + 4.0 * block}  # fmt: skip
     if kind == "none":
         buffers = 4.0 * p if setup.backend == "ddp" and n > 1 else 0.0
-        if setup.backend == "single" and setup.dtype == "bf16" and setup.low_precision_weights:
+        if setup.backend == "single" and _low_precision(setup):
             buffers += 2.0 * block_params(setup.model)  # the bf16 compute copy
         return {"parameters": 4.0 * p, "gradients": 4.0 * p, "optimizer": 8.0 * p,
                 "buffers": buffers}  # fmt: skip

@@ -83,6 +83,77 @@ def test_bf16_compute_weights_train_exactly_as_autocast():
                        copy.module.layers[1].self_attn.q_proj.weight.to(torch.bfloat16))  # fmt: skip
 
 
+def run_data_parallel_bf16(rank: int, backend: str, flag: str, out: str):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    from esmdist.parallel.distributed import init_distributed
+    from esmdist.train import engine_for, masked_lm_loss
+
+    info = init_distributed("gloo")
+    engine = engine_for(job(f"--parallel.backend={backend}", "--train.dtype=bf16",
+                            f"--parallel.low_precision_weights={flag}", "--optim.lr=2e-3",
+                            "--optim.warmup_steps=0"), info)  # fmt: skip
+    start = engine.full_state_dict()
+    batches = real_micro_batches(12)[rank::2]  # each rank its own micro-batches
+    losses = train_steps(engine, batches[:4], 2)
+    held = []  # what the block computes with after each micro-batch's backward
+    for index, batch in enumerate(batches[4:]):
+        engine.backward(masked_lm_loss(engine, batch, info.device) / 500, last=index == 1)
+        weight = engine.module.layers[0].fc1.weight
+        held.append((isinstance(weight, DTensor), weight.dtype))
+    engine.step()
+    # A forward without backward (validation) leaves the weights gathered; any change of the
+    # masters (a step, a load) drops them, so that the next forward casts the new values.
+    with torch.no_grad():
+        masked_lm_loss(engine, batches[0], info.device)
+    held.append((isinstance(engine.module.layers[0].fc1.weight, DTensor),))
+    engine.wrapped.after_update()
+    held.append((isinstance(engine.module.layers[0].fc1.weight, DTensor),))
+    state = engine.full_state_dict()
+    dcp.save(engine.checkpoint_state(), checkpoint_id=out)
+    weight = engine.module.layers[0].fc1.weight
+    mesh = tuple(weight.device_mesh.shape) if isinstance(weight, DTensor) else None
+    # Resumed by the other data-parallel kind: DDP under autocast.
+    other = engine_for(job("--parallel.backend=ddp", "--train.dtype=bf16", "--train.seed=7",
+                           "--parallel.low_precision_weights=false"), info)  # fmt: skip
+    loaded = other.checkpoint_state()
+    dcp.load(loaded, checkpoint_id=out)
+    other.load_checkpoint_state(loaded)
+    resumed = other.full_state_dict()
+    return losses, state, type(engine.model).__name__, mesh, held, resumed, start
+
+
+def test_ddp_in_bf16_casts_its_weights_once_per_step(tmp_path):
+    """DDP with bf16 weights is FSDP2 on a (2 × 1) mesh: the ranks agree bit for bit and
+    train as autocast does within bf16 rounding; the bf16 weights gathered in a step's first
+    micro-batch are kept through the next (no cast per micro-batch) and dropped after the
+    step's last; its checkpoint resumes under plain DDP."""
+    runs = {}
+    for backend, flag in (("ddp", "true"), ("ddp", "false")):
+        out = tmp_path / f"{backend}-{flag}"
+        runs[backend, flag] = run_ranks(run_data_parallel_bf16, 2, tmp_path, backend, flag,
+                                        str(out))  # fmt: skip
+    first, second = runs["ddp", "true"]
+    autocast = runs["ddp", "false"][0]
+    assert first[2] == "FSDPESM" and first[3] == (2, 1) and autocast[2] == "DistributedDataParallel"
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    # Gathered in bf16 by the first micro-batch, still held after its backward (last=False
+    # keeps it), and sharded again — fp32 DTensor — after the step's last backward.
+    assert first[4] == [(False, torch.bfloat16), (True, torch.float32), (False,), (True,)]
+    assert autocast[4] == [(False, torch.float32)] * 2 + [(False,)] * 2
+
+    # AdamW's first updates are ±lr wherever gradients are small, so single weights may differ
+    # by 2·lr; the whole update may not: 0.045 of its norm (2026-12-05), 0.54 when a step
+    # leaves out one of its two micro-batches.
+    keys, start = sorted(first[6]), first[6]
+    ours = torch.cat([(first[1][k].float() - start[k].float()).flatten() for k in keys])
+    theirs = torch.cat([(autocast[1][k].float() - start[k].float()).flatten() for k in keys])
+    assert ((ours - theirs).norm() / ours.norm()).item() < 0.15
+    assert max(abs(a - b) / b for a, b in zip(first[0], autocast[0], strict=True)) < 1e-3
+    assert all(torch.equal(first[5][k], first[1][k]) for k in first[1])
+
+
 @pytest.mark.parametrize("backend", ["fsdp", "ddp"])
 def test_sharding_backends_of_one_process_train_as_single(backend):
     from esmdist.train import engine_for

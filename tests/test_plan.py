@@ -51,8 +51,17 @@ def test_states_split_as_zero_says():
         found = state_bytes(setup("esm2_3B", 64, backend="deepspeed", zero_stage=stage))
         assert found["parameters"] == params and found["gradients"] == grads
         assert found["optimizer"] == 12 * p / 64
-    ddp = state_bytes(setup("esm2_3B", 8, backend="ddp"))
+    autocast = setup("esm2_3B", 8, backend="ddp", low_precision_weights=False)
+    ddp = state_bytes(autocast)
     assert ddp == {"parameters": 4 * p, "gradients": 4 * p, "optimizer": 8 * p, "buffers": 4 * p}
+    # DDP's bf16 weights (FSDP2 on a replicate mesh): the whole bf16 copy through backward, one
+    # block's fp32 reduction, and — accumulating — unreduced fp32 gradients beside the reduced.
+    block = block_params(model_config("esm2_3B")) // 36
+    bf16 = state_bytes(replace(autocast, low_precision_weights=True))
+    assert autocast.accumulation > 1 and bf16 == {"parameters": 4 * p, "gradients": 8 * p,
+                                                   "optimizer": 8 * p,
+                                                   "buffers": 2 * p + 4 * block}  # fmt: skip
+    assert state_bytes(replace(autocast, dtype="fp32")) == ddp
     # One process in bf16: the bf16 compute copy of the blocks' matmul weights.
     assert state_bytes(setup("esm2_3B", 1, backend="single"))["buffers"] == 2 * block_params(
         model_config("esm2_3B")

@@ -32,9 +32,12 @@ class ParallelConfig:
     """DeepSpeed: elements per gradient-reduction and parameter all-gather bucket (capped at
     the model's parameters: DeepSpeed allocates its buckets whole)."""
     low_precision_weights: bool = True
-    """One process in bf16: the matmul weights that compute are bf16 copies of the fp32
-    masters, refreshed once per step, instead of autocast's casts in every micro-batch
-    (the same arithmetic; +2 bytes per parameter). FSDP2 casts through its own policy."""
+    """In bf16, weights cast to bf16 once per optimizer step instead of autocast's casts in
+    every micro-batch. One process: bf16 copies of the matmul weights over the fp32 masters
+    (autocast's arithmetic exactly; +2 bytes per parameter). DDP: FSDP2's MixedPrecisionPolicy
+    on a mesh without sharding (fsdp's arithmetic: bf16 parameters, fp32 reduction; +2 bytes
+    per parameter while a step computes). FSDP2 always casts through its policy. False: DDP
+    and autocast."""
 
     def engine_backend(self, world_size: int) -> str:
         """The engine that runs: DDP and FSDP2 at world size 1 are one process (nothing to

@@ -176,6 +176,11 @@ def wrap_single(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
 
 def wrap_ddp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
              info: DistInfo) -> Wrapped:  # fmt: skip
+    """Every rank holds the whole model and gradients are averaged. In bf16 with
+    `parallel.low_precision_weights` that is FSDP2 over a (world × 1) mesh (`_replicate`);
+    otherwise torch's DistributedDataParallel under autocast."""
+    if settings.dtype == "bf16" and parallel.low_precision_weights:
+        return _replicate(model, settings, info)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
@@ -185,6 +190,65 @@ def wrap_ddp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
         return contextlib.nullcontext() if last else ddp.no_sync()
 
     return Wrapped(ddp, model, sync, False, _plain_state(model))
+
+
+def _replicate(model: ESM, settings: EngineSettings, info: DistInfo) -> Wrapped:
+    """Data parallel with bf16 compute weights: FSDP2 on a mesh whose shard dimension has one
+    rank (HSDP without sharding). Each rank keeps its fp32 masters whole, as under DDP; FSDP2's
+    MixedPrecisionPolicy casts them to bf16 once per step — the bf16 weights stay through the
+    step's micro-batches — and reduces the gradients in fp32, block by block during backward
+    (DDP's overlap). Under autocast every micro-batch cast every weight twice instead."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh(info.device.type, (info.world_size, 1),
+                            mesh_dim_names=("replicate", "shard"))  # fmt: skip
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[settings.dtype], reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    # DDP's guarantee at construction: every rank starts from rank 0's weights and buffers.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.to_local() if isinstance(tensor, DTensor) else tensor, src=0)
+
+    def sync(last: bool):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
+        return contextlib.nullcontext()
+
+    return Wrapped(model, model, sync, True, _full_state(model, copy=True),
+                   after_update=_resharding(model))  # fmt: skip
+
+
+def _full_state(model: nn.Module, *, copy: bool) -> Callable[[], dict[str, torch.Tensor]]:
+    """`copy`: clone what the gather returns — on a mesh without sharding it is the
+    parameters' own storage, which later steps would change under the caller."""
+
+    def full_state() -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        state = get_model_state_dict(model, options=options)
+        return {k: v.clone() for k, v in state.items()} if copy else state
+
+    return full_state
+
+
+def _resharding(model: nn.Module) -> Callable[[], None]:
+    """After the fp32 masters changed: drop any bf16 weights still gathered from before (a
+    forward without backward — validation — leaves blocks that keep theirs after forward
+    gathered), so the next forward casts the new values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def reshard() -> None:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    return reshard
 
 
 def _set_prefetch(layers: list, ahead: int) -> None:
@@ -200,7 +264,6 @@ def wrap_fsdp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
               info: DistInfo) -> Wrapped:  # fmt: skip
     """FSDP2: `fully_shard` per block, then the root. A model still on the meta device is
     materialised here, each rank initialising its own shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[settings.dtype], reduce_dtype=torch.float32)
@@ -221,12 +284,8 @@ def wrap_fsdp(model: ESM, parallel: ParallelConfig, settings: EngineSettings,
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def full_state() -> dict[str, torch.Tensor]:
-        return get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=False)
-        )
-
-    return Wrapped(model, model, sync, True, full_state)
+    return Wrapped(model, model, sync, True, _full_state(model, copy=False),
+                   after_update=_resharding(model))  # fmt: skip
 
 
 WRAPS = {"single": wrap_single, "ddp": wrap_ddp, "fsdp": wrap_fsdp}
