@@ -102,6 +102,19 @@ def test_chains_read_as_their_observed_residues(file, chain_id, expected):
     assert (np.diag(read.contacts) == 1).all() and (read.contacts == read.contacts.T).all()
 
 
+def test_free_amino_acids_bound_as_ligands_are_not_part_of_the_chain():
+    """PDB 4OSX binds three free glycines (HETATM GLY 402–404, with OXT) under chain A; 3KCS's
+    chromophore NRQ (Met-Tyr-Gly cyclised, HETATM) is bonded into its chain. Read before:
+    4OSX's sequence ended in GGG, and 3KCS's had 217 letters for its 215 residues ("MYG")."""
+    ligands = read_chain(STRUCTURES / "4osx.bcif", "A")
+    assert len(ligands.sequence) == 300 and ligands.sequence.endswith("ITDLP")
+    assert ligands.contacts.shape == (300, 300)
+    chromophore = read_chain(STRUCTURES / "3kcs.bcif")
+    assert len(chromophore.sequence) == 215 == len(chromophore.contacts)
+    assert chromophore.sequence[55:62] == "LSPQFXS"  # NRQ 66 in place, one residue, one letter
+    assert (chromophore.contacts[60] == -1).all()  # its atoms are N1, CA1, C1 …: not scored
+
+
 def test_structures_that_cannot_be_scored_are_named(tmp_path):
     with pytest.raises(StructureError, match=r"1A8O.cif: no protein chain 'Z' \(chains: A\)"):
         read_chain(STRUCTURES / "1A8O.cif", "Z")

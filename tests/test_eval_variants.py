@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from esmdist.eval.variants import parse_mutant, position_log_probs, score_mutants, spearman
-from tests.conftest import EVAL_DATA
+from tests.conftest import EVAL_DATA, REPO
 from tests.reference import esmdist_from_fair, fair_esm1b, fair_esm2
 
 pytest.importorskip("scipy")
@@ -139,3 +139,24 @@ def test_bad_tables_and_mutants_are_named(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("mutant,score\nL173H,0.5\nR203S,n/a\n")
     assert main([*base, "--dms", str(tmp_path / "bad.csv"), "--score-column", "score"]) == 2
     assert "bad.csv: row 3: score 'n/a' is not a number" in capsys.readouterr().err
+
+
+BLAT = REPO / "tests/data/dms/BLAT_ECOLX_Tenaillon2013-singles-MIC_score"
+
+
+def test_a_literal_sequence_longer_than_a_file_name_is_scored(tmp_path, capsys):
+    """fair-esm's README passes BLAT's wild type on the command line: 263 residues, beyond the
+    255 bytes of a file name, which `Path.is_file` raised OSError on."""
+    from esmdist.cli import main
+
+    sequence = BLAT.joinpath("wt.fasta").read_text().split("\n", 1)[1].replace("\n", "")
+    assert len(sequence) == 263
+    base = ["eval", "variants", "--model", "debug", "--dms", str(BLAT / "data.csv"),
+            "--score-column", "log_fitness", "--offset", "24"]  # fmt: skip
+    for given in (sequence, str(BLAT / "wt.fasta")):
+        assert main([*base, "--sequence", given, "--out", str(tmp_path / str(len(given)))]) == 0
+    literal, read = (json.loads((tmp_path / str(len(given)) / "variants.json").read_text())
+                     for given in (sequence, str(BLAT / "wt.fasta")))  # fmt: skip
+    assert literal["variants"] == read["variants"] == 951 and literal == read
+    assert main([*base, "--sequence", str(tmp_path / "wt.fast")]) == 2
+    assert "wt.fast': no such FASTA file, and not a protein sequence" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 from pathlib import Path
 
 from esmdist.cli_eval.common import add_model_arguments, model_from_args, run_curve, write_results
@@ -84,10 +85,23 @@ def dms_spearman(model, dms: str, sequence: str, score_column: str, table: tuple
 
 
 def wild_type(sequence: str) -> str:
-    """The first record of a FASTA file, or the argument itself."""
+    """The first record of a FASTA file, or the argument itself: a sequence of residue letters
+    (fair-esm's README passes BLAT's 263 residues so — longer than a file name may be)."""
+    from esmdist import alphabet
     from esmdist.data.fasta import read_fasta
 
-    return next(iter(read_fasta(sequence))).sequence if Path(sequence).is_file() else sequence
+    letters = "".join(c for c in alphabet.RESIDUE_SYMBOLS if c.isalpha())
+    if os.path.isfile(sequence):  # False, not OSError, for a name too long to be a file's
+        return next(iter(read_fasta(sequence))).sequence
+    if sequence and set(sequence) <= set(letters):
+        return sequence
+    shown = (
+        repr(sequence)
+        if len(sequence) <= 300
+        else f"{sequence[:60]!r}… ({len(sequence)} characters)"
+    )
+    raise ValueError(f"--sequence {shown}: no such FASTA file, and not a protein sequence "
+                     f"(residue letters {letters} only)")  # fmt: skip
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 needs: its sequence and the true contact map.
 
 The sequence is the chain's observed amino-acid residues in order (first model, first altloc,
-insertion codes as their own residues, modified residues by their parent's letter: MSE → M),
-as fair-esm's contact notebook reads it; residues absent from the coordinates are absent from
-the sequence. Contacts are Cβ–Cβ < 8 Å with fair-esm's virtual Cβ for every residue (built
+insertion codes as their own residues, modified residues by their parent's letter: MSE → M);
+a HETATM amino acid counts only when it is bonded into the chain (a free amino acid bound as
+a ligand under the same chain id is not); residues absent from the coordinates are absent from
+the sequence. (fair-esm's contact notebook takes the sequence from the MSA file instead, drops
+MSE, and fails on a residue without CA.) Contacts are Cβ–Cβ < 8 Å with fair-esm's virtual Cβ for every residue (built
 from N, CA and C, its notebook's `extend(C, N, CA, 1.522, 1.927, -2.143)`); a residue missing
 one of those atoms has no contacts (-1: not scored).
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 CONTACT_ANGSTROM = 8.0
+PEPTIDE_BOND_ANGSTROM = 1.9
+"""Covalent: a peptide bond is 1.33 Å; a ligand's closest approach (a hydrogen bond) ~2.6 Å."""
 
 
 class StructureError(ValueError):
@@ -83,6 +87,29 @@ def _atoms(path: Path):
         raise StructureError(f"{path}: cannot read the structure ({exc})") from None
 
 
+def _bonded(a, b) -> bool:
+    """Whether any atom of residue `a` is within covalent distance of any atom of `b`."""
+    distances = np.linalg.norm(a.coord[:, None] - b.coord[None], axis=-1)
+    return bool(distances.size) and float(distances.min()) < PEPTIDE_BOND_ANGSTROM
+
+
+def _in_the_chain(residues: list) -> list:
+    """The residues of the polymer: every ATOM residue, and a HETATM amino acid only where it
+    is bonded to a neighbour in the chain (MSE, a chromophore), not a free amino acid bound as
+    a ligand (a glutamate in its receptor, glycines in a pocket), which shares the chain id."""
+    kept = [not residue.hetero[0] for residue in residues]
+    changed = True
+    while changed:  # a run of modified residues joins the chain from either end
+        changed = False
+        for index, residue in enumerate(residues):
+            if kept[index]:
+                continue
+            neighbours = [j for j in (index - 1, index + 1) if 0 <= j < len(residues) and kept[j]]
+            if any(_bonded(residue, residues[j]) for j in neighbours):
+                kept[index] = changed = True
+    return [residue for residue, keep in zip(residues, kept, strict=True) if keep]
+
+
 def read_chain(path: str | Path, chain: str | None = None) -> Chain:
     """`chain` (author chain id; the first protein chain when None) of the structure file."""
     import biotite.structure as struc
@@ -99,11 +126,13 @@ def read_chain(path: str | Path, chain: str | None = None) -> Chain:
     chain = chain or chains[0]
     if chain not in chains:
         raise StructureError(f"{path}: no protein chain {chain!r} (chains: {', '.join(chains)})")
-    atoms = atoms[atoms.chain_id == chain]
-    starts = struc.get_residue_starts(atoms)
-    letters, coordinates = [], np.full((len(starts), 3, 3), np.nan)
-    for index, residue in enumerate(struc.residue_iter(atoms)):
-        letters.append(info.one_letter_code(residue.res_name[0]) or "X")
+    residues = _in_the_chain(list(struc.residue_iter(atoms[atoms.chain_id == chain])))
+    letters, coordinates = [], np.full((len(residues), 3, 3), np.nan)
+    for index, residue in enumerate(residues):
+        code = info.one_letter_code(residue.res_name[0])
+        # One letter per residue, as the contact map has one row per residue: a chromophore
+        # made of three (NRQ: "MYG") or an unknown parent is X.
+        letters.append(code if code and len(code) == 1 else "X")
         for slot, atom in enumerate(("N", "CA", "C")):
             found = residue.coord[residue.atom_name == atom]
             if len(found):
