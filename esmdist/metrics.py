@@ -99,8 +99,8 @@ class MetricsLogger:
         with writing(self.path):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=step)
+        if self.wandb_run is not None:  # a measurement that is none (no prediction) is absent
+            self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=step)
         shown = " ".join(f"{k}={_fmt(k, v)}" for k, v in record.items() if k not in ("time",))
         print(shown, file=sys.stdout, flush=True)
 
@@ -118,7 +118,7 @@ def _fmt(key: str, value) -> str:
         return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"  # H:MM:SS in the console
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def _wandb_key_configured() -> bool:

@@ -455,9 +455,9 @@ def _metrics(run: Run, step: int, loss: float, grad_norm: float) -> dict:
     return record
 
 
-def validate(run: Run) -> dict[str, float]:
-    """`valid_perplexity` (with a validation split) and `valid_contact_p_at_l_long` (with
-    `train.valid_contacts`), computed on every rank."""
+def validate(run: Run) -> dict[str, float | None]:
+    """`valid_perplexity` (with a validation split) and `valid_contact_p_at_l_long` with its
+    random-ranking baseline (with `train.valid_contacts`), computed on every rank."""
     found = {}
     if run.valid_shards:
         found["valid_perplexity"] = valid_perplexity(run.engine, run.valid_shards, run.config,
@@ -465,8 +465,7 @@ def validate(run: Run) -> dict[str, float]:
     if run.contacts:
         run.engine.model.eval()
         with run.engine.autocast():
-            found["valid_contact_p_at_l_long"] = run.contacts(run.engine.model,
-                                                              run.engine.module.contact_head)  # fmt: skip
+            found.update(run.contacts(run.engine.model, run.engine.module.contact_head))
         run.engine.model.train()
     return found
 

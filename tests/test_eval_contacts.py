@@ -153,6 +153,51 @@ def test_the_command_gives_the_same_scores_through_either_file(tmp_path, capsys)
         assert (out / "contacts.csv").read_text().startswith("structure,length,short_P@L,")
     assert rows["hf"] == rows["esm2_debug.pt"]
     assert [r["structure"] for r in rows["hf"]] == ["1A8O.cif:A", "1gl4.bcif:A"]
-    assert set(rows["hf"][0]) == {"structure", "length", *contact_metrics(
+    assert set(rows["hf"][0]) == {"structure", "length", "prediction", *contact_metrics(
         np.zeros((30, 30)), np.zeros((30, 30), dtype=np.int8))}  # fmt: skip
+    assert {r["prediction"] for r in rows["hf"]} == {"ok"}
     assert "long P@L" in capsys.readouterr().out
+
+
+def test_tied_scores_count_as_a_random_order(chain):
+    """A constant map used to score the contact fraction of the first pairs in memory order
+    (row-major over the upper triangle: long-range P@L 0.000 on 1GL4, density 0.015); ties now
+    count as their expectation under a random order, which a constant map turns into each
+    range's contact density, and coarse scores into the mean over random tie-breaks."""
+    flat = np.zeros(chain.contacts.shape)
+    rows, cols = np.triu_indices(len(flat), 24)
+    scored = chain.contacts[rows, cols][chain.contacts[rows, cols] >= 0]
+    density = float((scored == 1).mean())
+    found = precisions(flat, chain.contacts, 24, None)
+    for key in ("P@L", "P@L2", "P@L5", "AUC"):
+        assert found[key] == pytest.approx(density, abs=1e-12)
+    # Coarse scores (many ties): the expectation against random tie-breaks, 400 draws.
+    generator = np.random.default_rng(0)
+    coarse = np.round(generator.random(flat.shape) + 0.3 * (chain.contacts == 1), 1)
+    coarse = np.triu(coarse) + np.triu(coarse, 1).T
+    draws = [precisions(coarse + 1e-6 * generator.random(flat.shape), chain.contacts, 24, None)
+             for _ in range(400)]  # fmt: skip
+    expected = precisions(coarse, chain.contacts, 24, None)
+    for key in ("P@L", "P@L5", "AUC"):
+        assert expected[key] == pytest.approx(np.mean([d[key] for d in draws]), abs=0.004)
+
+
+def test_a_constant_map_is_no_prediction_with_its_baseline_beside_it(chain, tmp_path, capsys):
+    """The demo's fit kept no attention head: every pair scored sigmoid(bias). Its precision
+    was reported as a measurement ("long-range P@L 0.040", the same for a random model by
+    construction); now it is no prediction, in the rows, the means, the CLI and the JSON."""
+    from esmdist.cli import main
+    from esmdist.eval.contact_fit import ContactRegression, save_regression
+    from esmdist.eval.contacts import NO_PREDICTION
+
+    found = contact_metrics(np.full(chain.contacts.shape, 0.3), chain.contacts)
+    assert all(found[f"{r}_{k}"] is None for r in RANGES for k in ("P@L", "P@L2", "P@L5", "AUC"))
+    assert 0 < found["random_long_P@L"] < 0.2
+    heads = 2 * 4  # debug: 2 layers × 4 heads
+    regression = save_regression(ContactRegression([0.0] * heads, -2.0, []), tmp_path / "r.json")
+    assert main(["eval", "contacts", "--model", "debug", "--contact-regression", str(regression),
+                 str(STRUCTURES / "1A8O.cif"), "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert NO_PREDICTION in capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "contacts.json").read_text())
+    assert written["mean_long_P@L"] is None and written["mean_random_long_P@L"] > 0
+    assert written["rows"][0]["prediction"] == NO_PREDICTION

@@ -89,9 +89,9 @@ def write_results(out: str, name: str, summary: dict, rows: list[dict]) -> None:
 
 
 def run_curve(args: argparse.Namespace, name: str, evaluate: Callable[[object], dict],
-              keys: list[str]) -> int:  # fmt: skip
+              keys: list[str], baselines: dict[str, str]) -> int:  # fmt: skip
     """`--checkpoints`: `evaluate(model)` per checkpoint; `{name}_curve.{json,csv,png}` in
-    --out (default: the run directory)."""
+    --out (default: the run directory). `baselines`: a key's baseline, drawn beside it."""
     from esmdist.eval.curve import evaluate_checkpoints
     from esmdist.eval.plot import plot_curve
 
@@ -101,9 +101,11 @@ def run_curve(args: argparse.Namespace, name: str, evaluate: Callable[[object], 
                                      evaluate))  # fmt: skip
     print(f"{'step':>10} " + " ".join(f"{key:>18}" for key in keys))
     for row in rows:
-        print(f"{row['step']:>10} " + " ".join(f"{row[key]:>18.4f}" for key in keys))
+        print(f"{row['step']:>10} " + " ".join(
+            f"{'no prediction':>18}" if row[key] is None else f"{row[key]:>18.4f}" for key in keys))  # fmt: skip
     out = args.out or args.checkpoints
     write_results(out, f"{name}_curve", {"run": args.checkpoints}, rows)
-    figure = plot_curve(rows, keys, f"{args.checkpoints}: {name}", Path(out) / f"{name}_curve.png")
+    figure = plot_curve(rows, keys, f"{args.checkpoints}: {name}", Path(out) / f"{name}_curve.png",
+                        baselines)  # fmt: skip
     print(f"plot: {figure}")
     return 0

@@ -38,7 +38,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
                                    args.crop_length)  # fmt: skip
 
     if args.checkpoints:
-        return run_curve(args, "perplexity", evaluate, ["perplexity"])
+        return run_curve(args, "perplexity", evaluate, ["perplexity"],
+                         {"perplexity": "unigram_perplexity"})  # fmt: skip
     found = evaluate(model_from_args(args))
     print(f"{args.split}: masked-LM perplexity {found['perplexity']:.3f} over "
           f"{found['masked_residues']:,} masked residues of {found['samples']:,} samples "
@@ -73,15 +74,27 @@ def _cmd_pppl(args: argparse.Namespace) -> int:
 def dms_spearman(model, dms: str, sequence: str, score_column: str, table: tuple,
                  scoring: str = "masked-marginals") -> tuple[dict, list[dict]]:  # fmt: skip
     """(summary with Spearman's ρ, one row per variant) of the DMS table `read_dms` read."""
-    from esmdist.eval.variants import score_mutants, spearman
+    from esmdist.eval.variants import random_spearman, score_mutants, spearman
 
     codes, mutants, measured = table
     predicted = score_mutants(model, sequence, mutants, scoring)
     summary = {"dms": dms, "scoring": scoring, "variants": len(codes),
-               "spearman": spearman(predicted, measured)}  # fmt: skip
+               "spearman": spearman(predicted, measured), **random_spearman(measured)}  # fmt: skip
     rows = [{"mutant": code, score_column: value, "predicted": score} for code, value, score
             in zip(codes, measured.tolist(), predicted.tolist(), strict=True)]  # fmt: skip
     return summary, rows
+
+
+def plot_dms(summary: dict, rows: list[dict], score_column: str, out: str | Path) -> Path:
+    """The predicted-vs-measured scatter of `dms_spearman`'s rows."""
+    import numpy as np
+
+    from esmdist.eval.plot import plot_variants
+
+    predicted = np.array([row["predicted"] for row in rows])
+    measured = np.array([row[score_column] for row in rows])
+    title = f"{Path(summary['dms']).parent.name or summary['dms']}: {summary['scoring']}"
+    return plot_variants(predicted, measured, summary["spearman"], title, out)
 
 
 def wild_type(sequence: str) -> str:
@@ -113,9 +126,13 @@ def _cmd_variants(args: argparse.Namespace) -> int:
     summary, rows = dms_spearman(model_from_args(args), args.dms, sequence, args.score_column,
                                  table, args.scoring)  # fmt: skip
     print(f"{args.dms}: {summary['variants']:,} variants, {args.scoring}: "
-          f"Spearman ρ = {summary['spearman']:.4f}")  # fmt: skip
+          f"Spearman ρ = {summary['spearman']:.4f} (random scores: |ρ| "
+          f"{summary['random_abs_spearman_mean']:.3f} on average, 95% below "
+          f"{summary['random_abs_spearman_p95']:.3f})")  # fmt: skip
     if args.out:
         write_results(args.out, "variants", {"model": args.model, **summary}, rows)
+    if args.plot:
+        print(f"plot: {plot_dms(summary, rows, args.score_column, args.plot)}")
     return 0
 
 
@@ -214,6 +231,8 @@ def add_variants(eval_sub) -> None:
     variants.add_argument("--scoring", default="masked-marginals",
                           choices=["masked-marginals", "wt-marginals", "pseudo-likelihood"])  # fmt: skip
     variants.add_argument("--out", help="write variants.json and variants.csv here")
+    variants.add_argument("--plot", metavar="OUT.png",
+                          help="predicted against measured, one point per variant")  # fmt: skip
     variants.set_defaults(func=_cmd_variants)
 
 

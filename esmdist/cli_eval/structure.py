@@ -29,20 +29,20 @@ def contact_rows(model, chains: list, fit_on: list | None = None) -> list[dict]:
     return evaluate_chains(model, chains)
 
 
-def mean_metrics(rows: list[dict]) -> dict:
-    """The mean over structures of every metric column."""
-    keys = [k for k in rows[0] if "@" in k or k.endswith("AUC")]
-    return {f"mean_{k}": sum(row[k] for row in rows) / len(rows) for k in keys}
-
-
 def _print_contacts(rows: list[dict]) -> None:
+    from esmdist.eval.contacts import NO_PREDICTION, mean_metrics
+
+    def cells(found: dict, prefix: str = "") -> str:
+        if found[f"{prefix}long_P@L"] is None:
+            return f"{NO_PREDICTION:>41}"
+        return " ".join(f"{found[f'{prefix}{r}_P@L']:>13.3f}" for r in RANGES_SHOWN)
+
     print(f"{'structure':<28} {'L':>5} " + " ".join(f"{r + ' P@L':>13}" for r in RANGES_SHOWN))
     for row in rows:
-        print(f"{row['structure']:<28} {row['length']:>5} "
-              + " ".join(f"{row[f'{r}_P@L']:>13.3f}" for r in RANGES_SHOWN))  # fmt: skip
+        print(f"{row['structure']:<28} {row['length']:>5} {cells(row)}")
     means = mean_metrics(rows)
-    print(f"{'mean':<28} {'':>5} " + " ".join(f"{means[f'mean_{r}_P@L']:>13.3f}"
-                                             for r in RANGES_SHOWN))  # fmt: skip
+    print(f"{'mean':<28} {'':>5} {cells(means, 'mean_')}")
+    print(f"{'random ranking (density)':<28} {'':>5} {cells(means, 'mean_random_')}")
 
 
 def plot_chain_contacts(model, chains: list, out: str) -> list[Path]:
@@ -61,6 +61,8 @@ def plot_chain_contacts(model, chains: list, out: str) -> list[Path]:
 
 
 def _cmd_contacts(args: argparse.Namespace) -> int:
+    from esmdist.eval.contacts import mean_metrics
+
     chains = read_structures(args.structures)
     fit_on = read_structures(args.fit) if args.fit else None
     if args.checkpoints:
@@ -68,7 +70,8 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
             print("note: no --fit: each checkpoint's contact regression is used as stored "
                   "(an esmdist model's is fitted only by contacts-fit)")  # fmt: skip
         return run_curve(args, "contacts", lambda m: mean_metrics(contact_rows(m, chains, fit_on)),
-                         ["mean_long_P@L", "mean_medium_P@L", "mean_short_P@L"])  # fmt: skip
+                         [f"mean_{r}_P@L" for r in ("long", "medium", "short")],
+                         {f"mean_{r}_P@L": f"mean_random_{r}_P@L" for r in RANGES_SHOWN})  # fmt: skip
     model = model_from_args(args)
     rows = contact_rows(model, chains, fit_on)
     _print_contacts(rows)
@@ -135,7 +138,7 @@ def _cmd_ss_probe(args: argparse.Namespace) -> int:
         return found
 
     if args.checkpoints:
-        return run_curve(args, "ss_probe", evaluate, ["q3"])
+        return run_curve(args, "ss_probe", evaluate, ["q3"], {"q3": "majority_q3"})
     found = probe_results(model_from_args(args), args)
     probes = found.pop("_probes")
     q8 = f"{found['q8']:.4f}" if "q8" in found else "n/a (the training labels are 3-state only)"

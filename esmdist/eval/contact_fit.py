@@ -176,19 +176,24 @@ class ContactValidation:
         self.test, self.fit = read_structures([test]), read_structures([fit])
         check_disjoint(ContactRegression([], 0.0, [c.name for c in self.fit]), self.test)
 
-    def __call__(self, model, head) -> float:
-        """Mean long-range P@L; `model` runs the forwards, `head` (its `contact_head`) makes the
-        features."""
+    def __call__(self, model, head) -> dict[str, float | None]:
+        """`valid_contact_p_at_l_long`: the mean long-range P@L (None — no prediction — when
+        the fit keeps no attention head: a constant map ranks nothing), and beside it
+        `valid_contact_random_p_at_l_long`, what a random ranking gets. `model` runs the
+        forwards, `head` (its `contact_head`) makes the features."""
         from esmdist.eval.contacts import contact_metrics
 
         device = next(head.parameters()).device
         fitted = _fit_l1([scored_pairs(attention_features(model, head, c.sequence, device), c)
                           for c in self.fit], L1_C)  # fmt: skip
-        precisions = []
+        found = []
         for chain in self.test:
             features = attention_features(model, head, chain.sequence, device)
             features = features.float().cpu().numpy()
             logits = features @ fitted.coef_[0] + fitted.intercept_[0]
-            predicted = 1 / (1 + np.exp(-logits))
-            precisions.append(contact_metrics(predicted, chain.contacts)["long_P@L"])
-        return float(np.mean(precisions))
+            found.append(contact_metrics(1 / (1 + np.exp(-logits)), chain.contacts))
+        measured = [row["long_P@L"] for row in found]
+        return {"valid_contact_p_at_l_long": None if None in measured
+                else float(np.mean(measured)),
+                "valid_contact_random_p_at_l_long":
+                float(np.mean([row["random_long_P@L"] for row in found]))}  # fmt: skip

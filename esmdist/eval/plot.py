@@ -1,7 +1,8 @@
 """The evaluation's figures (matplotlib, no display needed): a run's metrics.jsonl (`esmdist plot
 RUN_DIR`: training loss, validation perplexity, tokens/s and learning rate against the step),
-predicted vs true contact maps, a 2-D projection of embeddings (the ESM-1b paper's Figure 2
-view) and a metric against the checkpoint step (the emergence curve)."""
+a predicted contact map over the true one, predicted against measured variant effects, a 2-D
+projection of embeddings (the ESM-1b paper's Figure 2 view) and a metric against the
+checkpoint step with its baseline (the emergence curve)."""
 
 from __future__ import annotations
 
@@ -72,28 +73,53 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def plot_contacts(predicted: np.ndarray, contacts: np.ndarray, title: str,
                   out: str | Path) -> Path:  # fmt: skip
-    """Predicted probabilities (left) beside the true map (right); the top-L long-range
-    predictions marked on both, hits and misses in two colours."""
+    """One map: predicted probabilities above the diagonal (with a colour bar), the true
+    contacts below it, and the top-L long-range predictions marked above (hits and misses in
+    two colours). The title gives long-range P@L beside a random ranking's — or says that a
+    constant map is no prediction."""
+    from esmdist.eval.contacts import NO_PREDICTION, contact_metrics
+
     plt = _pyplot()
     length = len(predicted)
-    rows, cols = np.triu_indices(length, 24)
-    scores = np.where(contacts[rows, cols] >= 0, predicted[rows, cols], -np.inf)
-    top = np.argsort(-scores, kind="stable")[:length]
-    top = top[np.isfinite(scores[top])]
-    hit = contacts[rows[top], cols[top]] == 1
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5.2))
-    shown = [(predicted, "predicted contact probability"),
-             (np.where(contacts < 0, np.nan, contacts), "true contacts (Cβ–Cβ < 8 Å)")]  # fmt: skip
-    for axis, (image, name) in zip(axes, shown, strict=True):
-        axis.imshow(image, cmap="Greys", vmin=0, vmax=max(float(np.nanmax(image)), 1e-6))
+    found = contact_metrics(predicted, contacts)
+    upper = np.triu(np.ones((length, length), dtype=bool), 1)
+    image = np.where(upper, predicted, np.nan)
+    figure, axis = plt.subplots(figsize=(7.2, 6))
+    shown = axis.imshow(image, cmap="viridis", vmin=0.0, vmax=1.0)
+    figure.colorbar(shown, ax=axis, label="predicted contact probability (upper triangle)")
+    true_rows, true_cols = np.nonzero(np.tril(contacts == 1, -1))
+    axis.scatter(true_cols, true_rows, s=3, c="black", marker="s",
+                 label="true contact, Cβ–Cβ < 8 Å (lower triangle)")  # fmt: skip
+    if found["long_P@L"] is not None:
+        rows, cols = np.triu_indices(length, 24)
+        scores = np.where(contacts[rows, cols] >= 0, predicted[rows, cols], -np.inf)
+        top = np.argsort(-scores, kind="stable")[:length]
+        top = top[np.isfinite(scores[top])]
+        hit = contacts[rows[top], cols[top]] == 1
         for mark, colour, label in ((hit, "tab:blue", "top-L long range: contact"),
                                     (~hit, "tab:red", "top-L long range: none")):  # fmt: skip
-            axis.scatter(cols[top][mark], rows[top][mark], s=6, c=colour, label=label)
-        axis.set_title(name)
-        axis.set_xlabel("residue")
-    axes[0].set_ylabel("residue")
-    axes[1].legend(loc="lower left", fontsize=8)
-    figure.suptitle(f"{title}: long-range P@L {hit.sum() / length:.3f}")
+            axis.scatter(cols[top][mark], rows[top][mark], s=7, c=colour, label=label)
+        verdict = f"long-range P@L {found['long_P@L']:.3f}"
+    else:
+        verdict = NO_PREDICTION
+    axis.set_xlabel("residue")
+    axis.set_ylabel("residue")
+    axis.legend(loc="lower left", fontsize=7)
+    axis.set_title(f"{title}\n{verdict} (random ranking {found['random_long_P@L']:.3f})",
+                   fontsize=9)  # fmt: skip
+    return _save(figure, out)
+
+
+def plot_variants(predicted: np.ndarray, measured: np.ndarray, rho: float, title: str,
+                  out: str | Path) -> Path:  # fmt: skip
+    """Predicted score against the measured fitness, one point per variant, ρ in the title."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 5))
+    axis.scatter(measured, predicted, s=8, alpha=0.6)
+    axis.set_xlabel("measured (DMS)")
+    axis.set_ylabel("predicted (log-likelihood ratio)")
+    axis.set_title(f"{title}\nSpearman ρ = {rho:.3f}, {len(measured)} variants", fontsize=9)
+    axis.grid(alpha=0.3)
     return _save(figure, out)
 
 
@@ -130,16 +156,30 @@ def plot_projection(embeddings: np.ndarray, labels: list[str] | None, title: str
     return _save(figure, out)
 
 
-def plot_curve(rows: list[dict], keys: list[str], title: str, out: str | Path) -> Path:
-    """Each metric of `keys` against the checkpoint step."""
+def plot_curve(rows: list[dict], keys: list[str], title: str, out: str | Path,
+               baselines: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """Each metric of `keys` against the checkpoint step, with its baseline (`baselines`: key →
+    the baseline's key) dashed in the same panel; a step without a prediction leaves a gap
+    (marked ×) instead of a value."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for axis, key in zip(axes[0], keys, strict=True):
         points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
         if points:
-            axis.plot(*zip(*points, strict=True), marker="o")
+            axis.plot(*zip(*points, strict=True), marker="o", label=key)
+        missing = [row["step"] for row in rows if row.get(key) is None]
+        if missing:
+            axis.scatter(missing, [0.0] * len(missing), marker="x", c="tab:red",
+                         label="no prediction")  # fmt: skip
+        base = (baselines or {}).get(key)
+        floor = [(row["step"], row[base]) for row in rows if row.get(base) is not None]
+        if floor:
+            axis.plot(*zip(*floor, strict=True), linestyle="--", c="grey",
+                      label=base.replace("_", " "))  # fmt: skip
         axis.set_xlabel("step")
         axis.set_title(key)
         axis.grid(alpha=0.3)
+        if missing or floor:
+            axis.legend(fontsize=8)
     figure.suptitle(title)
     return _save(figure, out)
