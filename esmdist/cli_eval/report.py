@@ -18,8 +18,8 @@ from esmdist.storage import writing
 
 YAP1 = "dms/YAP1_HUMAN_Fields2012-singles-linear"
 BUNDLED = ("the bundled sets are small and differ from the papers' (12 Kortemme Pfam domains, "
-           "one 36-residue DMS, 511 CB513 chains, 893 SCOP domains): published figures are "
-           "for scale, not targets")  # fmt: skip
+           "one 36-residue DMS, 511 CB513 chains, 893 SCOP domains): a published figure is for "
+           "scale, not a target")  # fmt: skip
 
 
 def _contacts(model, args, data: Path, out: Path) -> dict:
@@ -181,11 +181,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     with writing(out):
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (out / "report.md").write_text(_markdown(metrics, model.config))
-    print(f"wrote {out / 'report.md'} and {out / 'metrics.json'}\n" + _summary(metrics))
+    print(f"wrote {out / 'report.md'} and {out / 'metrics.json'}\n" + headline_summary(metrics))
     return 0
 
 
-def _summary(metrics: dict) -> str:
+def headline_summary(metrics: dict) -> str:
     """The headline numbers, one line each, each beside its baseline; then what they show."""
     c, v, s, h = (metrics[k] for k in ("contacts", "variants", "ss", "homology"))
     lines = []
@@ -202,7 +202,8 @@ def _summary(metrics: dict) -> str:
               f"SCOP fold Hit-10         {h['fold_hit10']:.3f}  (untrained model of this size "
               f"{h['random_model_fold_hit10']:.3f})", "what this shows:",
               *[f"  {line}" for line in _verdicts(metrics)],
-              f"published figures are matched to the model in report.md; {BUNDLED}"]  # fmt: skip
+              f"report.md: each published figure matched to this model's size, where there is one; "
+              f"{BUNDLED}"]  # fmt: skip
     return "\n".join(lines)
 
 

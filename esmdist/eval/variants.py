@@ -2,12 +2,16 @@
 `examples/variant-prediction/predict.py`), read against a deep mutational scan by Spearman ρ.
 
 A mutant is `A23V` or several joined by `:` (`A23V:G45L`), positions numbered from `offset`
-(the number of the sequence's first residue); `WT` / `_wt` is the wild type itself (score 0). Scores of a multi-mutant add up over its
-mutations. Scorings:
+(the number of the sequence's first residue); `WT` / `_wt` is the wild type itself (score 0).
+A multi-mutant scores the sum over its mutated positions T of the single-site scores (Meier et
+al. 2021, eq. 1: Σ_{t∈T} log p(x_t = mt_t | x_−T) − log p(x_t = wt_t | x_−T), here with each
+position masked alone in the wild type, as predict.py does). Scorings:
 - masked marginals (ESM-1v's default): log p(mt) − log p(wt) at the position, masked;
 - wild-type marginals: the same from one unmasked forward of the wild type;
 - pseudo-likelihood: Σ_i log p(x_i | x masked at i) of the mutant sequence minus the wild
-  type's (one forward per residue per variant: slow).
+  type's, over every residue (one forward per residue per variant: slow). fair-esm's
+  predict.py `compute_pppl` leaves out the last residue; this is the full sum, so its scores
+  differ from predict.py's there (the other two scorings match it to float32).
 ESM-1b sees at most 1,022 residues: a longer sequence is scored in a window of that size
 centred on each position (clamped to the sequence).
 """
