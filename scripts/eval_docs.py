@@ -41,8 +41,12 @@ def contacts_table(report: Path) -> str:
 
 def curve_table(report: Path) -> str:
     perplexity = json.loads((report / "perplexity_curve.json").read_text())["rows"]
-    contacts = {r["step"]: r for r in json.loads((report / "contacts_curve.json").read_text())["rows"]}
-    lines = [f"{'step':>6} {'perplexity':>11} {'unigram':>8} {'long P@L':>14} {'random ranking':>15}"]
+    contacts = {
+        r["step"]: r for r in json.loads((report / "contacts_curve.json").read_text())["rows"]
+    }
+    lines = [
+        f"{'step':>6} {'perplexity':>11} {'unigram':>8} {'long P@L':>14} {'random ranking':>15}"
+    ]
     for row in perplexity:
         found = contacts.get(row["step"], {})
         lines.append(f"{row['step']:>6} {row['perplexity']:>11.3f} {row['unigram_perplexity']:>8.3f} "
