@@ -201,3 +201,24 @@ def test_a_constant_map_is_no_prediction_with_its_baseline_beside_it(chain, tmp_
     written = json.loads((tmp_path / "out" / "contacts.json").read_text())
     assert written["mean_long_P@L"] is None and written["mean_random_long_P@L"] > 0
     assert written["rows"][0]["prediction"] == NO_PREDICTION
+
+
+def test_the_contact_map_of_a_constant_prediction_says_so(chain, tmp_path, monkeypatch):
+    """It was a solid black square with no colour bar, read as "everything in contact"; now
+    one map — predictions above the diagonal on a colour bar, true contacts below — titled
+    no prediction beside the random ranking."""
+    from esmdist.eval import plot
+    from esmdist.eval.contacts import NO_PREDICTION
+
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda figure, out: drawn.append(figure) or out)
+    plot.plot_contacts(np.full(chain.contacts.shape, 0.12), chain.contacts, chain.name,
+                       tmp_path / "map.png")  # fmt: skip
+    (figure,) = drawn
+    image_axis, bar = figure.axes
+    assert "predicted contact probability" in bar.get_ylabel()
+    assert (
+        NO_PREDICTION in image_axis.get_title() and "random ranking 0.015" in image_axis.get_title()
+    )
+    true_contacts = image_axis.collections[0].get_offsets()
+    assert len(true_contacts) == int(np.tril(chain.contacts == 1, -1).sum()) > 0

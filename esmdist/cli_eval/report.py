@@ -12,7 +12,7 @@ from esmdist.cli_eval.common import EVAL_DATA, add_model_arguments, model_from_a
 from esmdist.cli_eval.sequence import dms_spearman, held_out_perplexity, wild_type
 from esmdist.cli_eval.structure import contact_rows, homology_results, plot_chain_contacts
 from esmdist.eval.contacts import NO_PREDICTION, mean_metrics
-from esmdist.eval.published import published
+from esmdist.eval.published import NONE, published
 from esmdist.eval.structure import read_structures
 from esmdist.storage import writing
 
@@ -107,7 +107,9 @@ def _markdown(metrics: dict, config) -> str:
     if "perplexity" in metrics:
         p = metrics["perplexity"]
         lines += ["## Held-out perplexity", "", "| masked-LM perplexity | unigram baseline |",
-                  "|---:|---:|", f"| {p['perplexity']:.3f} | {p['unigram_perplexity']:.3f} |", ""]  # fmt: skip
+                  "|---:|---:|", f"| {p['perplexity']:.3f} | {p['unigram_perplexity']:.3f} |", "",
+                  f"Published: {NONE} on these shards (the papers' perplexities are on their own "
+                  "UniRef50 validation sets).", ""]  # fmt: skip
     lines += _contacts_section(metrics["contacts"], config)
     lines += ["## Variant effects", "",
               f"`{v['dms']}`: {v['variants']} variants, {v['scoring']}, Spearman ρ = "
