@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,11 +61,13 @@ from esmdist.signals import StopRequest, stop_request
 from esmdist.status import PREEMPTED_MARKER
 from esmdist.storage import writing
 from esmdist.train_state import (
+    Progress,
     TrainState,
     resumable,
     rng_state,
     schedule_change,
     set_rng_state,
+    shape_change,
 )
 
 
@@ -116,24 +118,6 @@ def initial_weights(config: JobConfig, info: DistInfo) -> dict | None:
     backend = config.parallel.engine_backend(info.world_size)
     sharded = backend == "fsdp" and config.parallel.meta_init
     return {} if sharded and not info.is_main else weights
-
-
-@dataclass
-class Progress:
-    """Counters of the run so far (restored on resume) and the current metrics window."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    skipped: int = 0
-    bad_in_a_row: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    """When this attempt started (wall time is per attempt; the step counts over the run)."""
-    window_start: float = field(default_factory=time.perf_counter)
-    window_steps: int = 0
-    window_tokens: int = 0
-    window_flops: float = 0.0
-    startup_s: float | None = None
-    """Process start to the end of this attempt's first step; logged once."""
 
 
 @dataclass
@@ -250,25 +234,29 @@ def setup(config: JobConfig) -> Run:
                                                       info.world_size, train_shards.fingerprint)  # fmt: skip
         # A resume continues the run (its own weights), not the initialisation.
         engine = engine_for(config, info, initial_weights(config, info) if resume is None else None)
-        progress, data_resume, run_id = Progress(), None, None
+        progress, data_resume, run_id, reshaped = Progress(), None, None, ""
         if resume is not None:
             checkpoint, state = resume
             checkpointer.load(checkpoint, engine)
             set_schedule_step(engine.schedule, state.step, config.optim.lr)
             set_rng_state(state.rng)
-            progress = Progress(state.step, state.tokens_seen, state.skipped_steps)
+            reshaped = shape_change(state, info.world_size, config.parallel.backend)
+            progress = Progress.resumed(state, reshaped)
             data_resume, run_id = state.data, state.wandb_run_id
             if info.is_main:
                 print(f"resumed from {where} at step {state.step}", flush=True)
-                change = schedule_change(config, checkpoint.json("config.json"), state.step)
-                if change:
-                    print(change, flush=True)
+                for change in (reshaped, schedule_change(config, checkpoint.json("config.json"),
+                                                         state.step)):  # fmt: skip
+                    if change:
+                        print(change, flush=True)
         compiled = _warm_up_compiled(engine, config, info)
         loader = TrainLoader(train_shards, config.data, info.rank, info.world_size, data_resume,
                              pin_memory=info.device.type == "cuda")  # fmt: skip
         wandb = {"project": config.log.project, "name": config.log.run_name or None}
         logger = MetricsLogger(Path(config.train.output_dir), info.is_main, config.to_dict(),
                                wandb if config.log.wandb else None, run_id)  # fmt: skip
+        if reshaped:  # a marker in metrics.jsonl (and on `esmdist plot`'s curves)
+            logger.log(progress.step, {"resume_change": reshaped})
     except BaseException:
         checkpointer.close()
         raise
@@ -394,7 +382,7 @@ def save(run: Run, step: int, background: bool) -> None:
     data = merge_rank_states(gather_objects(run.loader.state_dict()))
     state = TrainState(step, progress.tokens_seen, progress.skipped, data, rng_state(),
                        info.world_size, run.config.parallel.backend, run.logger.run_id,
-                       run.dataset)  # fmt: skip
+                       run.dataset, progress.changes)  # fmt: skip
     run.checkpointer.save(step, run.engine, state.to_dict(), run.config.to_dict(), background)
     if info.is_main:
         status = "uploading" if run.checkpointer.pending else "committed"

@@ -1,5 +1,6 @@
-"""What a checkpoint holds besides model and optimizer: `train_state.json`, and what a resume
-must not change.
+"""What a checkpoint holds besides model and optimizer: `train_state.json`, the run's counters
+it restores (`Progress`), what a resume must not change, and what one that changes the run's
+shape (world size, backend) records.
 
 The file is validated as strictly as a run config: a damaged or forged one (a step of 1e30,
 negative counters, wrong types, missing keys) is an error naming the file and the key, never a
@@ -10,7 +11,8 @@ a function of the step and the run's config (`esmdist.optim`).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,6 +103,43 @@ def _order_state(value: Any, key: str) -> dict:
 
 
 @dataclass
+class Progress:
+    """Counters of the run so far (restored on resume) and the current metrics window."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    """When this attempt started (wall time is per attempt; the step counts over the run)."""
+    window_start: float = field(default_factory=time.perf_counter)
+    window_steps: int = 0
+    window_tokens: int = 0
+    window_flops: float = 0.0
+    startup_s: float | None = None
+    """Process start to the end of this attempt's first step; logged once."""
+    changes: list[dict] = field(default_factory=list)
+    """Every resume of the run that changed its shape (`TrainState.changes`)."""
+
+    @classmethod
+    def resumed(cls, state: TrainState, change: str) -> Progress:
+        """The counters a checkpoint holds, and `change` (if any) added to its history."""
+        changes = [*state.changes, *([{"step": state.step, "change": change}] if change else [])]
+        return cls(state.step, state.tokens_seen, state.skipped_steps, changes=changes)
+
+
+def _changes(value: Any, step: int) -> list[dict]:
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise ValueError("changes: expected a list of {step, change} tables")
+    for item in value:
+        if not (isinstance(item, dict) and set(item) == {"step", "change"}
+                and isinstance(item["change"], str) and len(item["change"]) <= 500):  # fmt: skip
+            raise ValueError("changes: expected a list of {step, change} tables")
+        _integer(item["step"], "changes.step", 0, step)
+    return value
+
+
+@dataclass
 class TrainState:
     step: int
     tokens_seen: int
@@ -113,6 +152,9 @@ class TrainState:
     wandb_run_id: str | None = None
     dataset: str | None = None
     """The training split's fingerprint (`ShardSet.fingerprint`); None in older checkpoints."""
+    changes: list[dict] = field(default_factory=list)
+    """Every resume that changed the run's shape: {"step", "change"} (world size, backend),
+    oldest first; [] in older checkpoints."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +168,8 @@ class TrainState:
             required = {"step", "tokens_seen", "skipped_steps", "data", "rng", "world_size",
                         "backend"}  # fmt: skip
             missing = sorted(required - set(data))
-            unknown = sorted(set(data) - required - {"wandb_run_id", "dataset"} - _RETIRED)
+            unknown = sorted(set(data) - required - {"wandb_run_id", "dataset", "changes"}
+                             - _RETIRED)  # fmt: skip
             if missing:
                 raise ValueError(f"missing key(s) {', '.join(missing)}")
             if unknown:
@@ -156,6 +199,7 @@ class TrainState:
                 backend=data["backend"],
                 wandb_run_id=data.get("wandb_run_id"),
                 dataset=data.get("dataset"),
+                changes=_changes(data.get("changes", []), step),
             )
         except ValueError as exc:
             raise ValueError(f"{url}: {exc}") from None
@@ -198,6 +242,22 @@ def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size
                                    "ZeRO checkpoint resumes only as it was saved; export it "
                                    "with esmdist export for anything else)")  # fmt: skip
     return differences
+
+
+def shape_change(state: TrainState, world_size: int, backend: str) -> str:
+    """ "" when this attempt runs on the checkpoint's world size and backend; else the line
+    that says what changed (the data order regroups the epoch's remaining samples among the
+    new readers: none read twice, none skipped)."""
+    changed = [f"{name} {before} → {after}" for name, before, after in (
+        ("world size", state.world_size, world_size), ("backend", state.backend, backend))
+        if before != after]  # fmt: skip
+    if not changed:
+        return ""
+    return (
+        f"this resume changes the run's shape: {', '.join(changed)} (recorded in "
+        "train_state.json and metrics.jsonl; the epoch's remaining samples are regrouped "
+        "among the new readers)"
+    )
 
 
 def schedule_change(run: JobConfig, saved: Any, step: int) -> str:

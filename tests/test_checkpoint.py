@@ -177,7 +177,8 @@ def test_sigusr1_saves_exits_75_and_resumes_exactly(shards, s3_server, s3_env, t
     assert all(torch.equal(whole[k], again[k]) for k in whole)
 
 
-def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
+def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path, monkeypatch):
+    from esmdist.eval import plot
     from esmdist.export import consolidated_weights
 
     env, url = bucket(s3_server, "ckpt-reshard")
@@ -189,7 +190,20 @@ def test_two_ranks_resume_on_one(shards, s3_server, s3_env, tmp_path):
                        "--train.max_steps=12", "--train.tokens_per_step=4096",
                        "--data.max_tokens=2048"), env)  # fmt: skip
     assert "resumed from step_000000008" in done.stdout
+    # The change of shape is said, and written down: train_state.json and metrics.jsonl.
+    change = "this resume changes the run's shape: world size 2 → 1, backend fsdp → single"
+    assert change in done.stdout
+    state = json.loads(CheckpointStore(root).read_bytes("step_000000012", "train_state.json"))
+    assert [c["step"] for c in state["changes"]] == [8] and change in state["changes"][0]["change"]
     records = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 8 and change in records[0]["resume_change"]
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda figure, out: drawn.append(figure) or out)
+    plot.plot_run(tmp_path / "one")  # the marker at step 8 on every panel of the curves
+    marked = [[list(line.get_xdata()) for line in axis.lines if line.get_linestyle() == ":"]
+              for axis in drawn[0].axes]  # fmt: skip
+    assert marked == [[[8, 8]]] * 4
+    records = records[1:]
     assert records[0]["step"] == 12 and records[0]["loss"] < 3.3
     # Loading on one rank gave back the two-rank model exactly: resume again with no steps left
     # (into a root of its own: step_000000012 is newer in this one).

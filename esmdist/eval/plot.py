@@ -58,13 +58,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no such file (is {run_dir} a run's output_dir?)")
     records = read_metrics(metrics)
+    reshaped = [r["step"] for r in records if "resume_change" in r]
     figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for axis, (key, title) in zip(axes.flat, PANELS, strict=True):
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             axis.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        for step in reshaped:  # a resume on another world size or backend
+            axis.axvline(step, color="tab:orange", linestyle=":", label="resumed, reshaped")
         axis.set_title(title)
         axis.grid(alpha=0.3)
+    if reshaped:
+        axes.flat[0].legend(*[h[:1] for h in axes.flat[0].get_legend_handles_labels()],
+                            fontsize=8)  # fmt: skip
     for axis in axes[1]:
         axis.set_xlabel("step")
     figure.suptitle(str(run_dir))

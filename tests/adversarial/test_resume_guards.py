@@ -69,6 +69,10 @@ HOSTILE = {
     ),
     "a boolean world size": lambda s: s.update(world_size=True),
     "an unknown backend": lambda s: s.update(backend="horovod"),
+    "changes not a list": lambda s: s.update(changes={"step": 2}),
+    "a change after the checkpoint's step": lambda s: s.update(
+        changes=[{"step": 9, "change": "world size 2 → 1"}]
+    ),
 }
 
 
