@@ -114,10 +114,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _job_options(args: argparse.Namespace, job_name: str, ntasks_per_node: int, **fixed):
-    from esmdist.slurm.submit import JobOptions
+    from esmdist.slurm.submit import JobOptions, node_range
 
+    low, high = node_range(args.nodes)
     options = dict(
-        job_name=args.job_name or job_name, time=args.time, nodes=args.nodes,
+        job_name=args.job_name or job_name, time=args.time, nodes=low, max_nodes=high,
         ntasks_per_node=ntasks_per_node, gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition,
         account=args.account, qos=args.qos, dependency=args.dependency,
@@ -128,15 +129,15 @@ def _job_options(args: argparse.Namespace, job_name: str, ntasks_per_node: int, 
     return JobOptions(**{**options, **fixed})
 
 
-def _checked_for_submit(args: argparse.Namespace, config_path: str, world_size: int):
-    """The run's config after `esmdist check`'s checks for the job's world size, before
-    anything is queued (printed or not): the storage ones too, unless the job waits on
-    another (--dependency: its data may be what that job writes)."""
+def _checked_for_submit(args: argparse.Namespace, config_path: str, world_sizes: list[int]):
+    """The run's config after `esmdist check`'s checks for every world size the job may start
+    on, before anything is queued (printed or not): the storage ones too, unless the job waits
+    on another (--dependency: its data may be what that job writes)."""
     from esmdist.config import load_config
-    from esmdist.preflight import quick_problems, storage_problems
+    from esmdist.preflight import storage_problems
 
     config = load_config(config_path, args.overrides)
-    found = quick_problems(config, world_size)
+    found = _world_size_problems(config, world_sizes)
     if not found and not args.dependency:
         found = storage_problems(config)
     elif not found:
@@ -147,19 +148,42 @@ def _checked_for_submit(args: argparse.Namespace, config_path: str, world_size: 
     return config
 
 
+def _world_size_problems(config, world_sizes: list[int]) -> list[str]:
+    """`quick_problems` for one world size; for several (`--nodes MIN-MAX`), each that cannot
+    keep the step's tokens is named with the ones that can — and DeepSpeed, whose ZeRO
+    checkpoints resume only on their own world size, is refused a range."""
+    from esmdist.preflight import quick_problems
+
+    if len(world_sizes) == 1:
+        return quick_problems(config, world_sizes[0])
+    if config.parallel.backend == "deepspeed":
+        return ["--nodes MIN-MAX: a DeepSpeed ZeRO checkpoint resumes only on the world size "
+                "that saved it; give one node count, or use parallel.backend = fsdp or ddp"]  # fmt: skip
+    found = {size: quick_problems(config, size) for size in world_sizes}
+    good = [size for size, problems in found.items() if not problems]
+    bad = {size: problems for size, problems in found.items() if problems}
+    if not bad:
+        return []
+    first = next(iter(bad.values()))[0]
+    return [f"--nodes: on {', '.join(map(str, bad))} rank(s) the run cannot start ({first}); "
+            + (f"world sizes that work: {', '.join(map(str, good))}" if good
+               else "no world size in the range works")]  # fmt: skip
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from esmdist.slurm.submit import render, submit
 
     if args.job == "shard":
         build_parser().parse_args(["shard", *args.overrides])  # its errors before the queue
         options = _job_options(args, "esmdist-shard", 1, signal_seconds=None)
-        if options.nodes != 1:
+        if options.node_counts != [1]:
             raise ValueError("the sharding job runs on one node (--nodes 1)")
         script = render("shard.sbatch", options, args.overrides, "esmdist submit shard")
     else:
         config_path = str(Path(args.config).resolve())
         tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
-        config = _checked_for_submit(args, config_path, args.nodes * tasks)
+        counts = _job_options(args, "esmdist", tasks).node_counts  # its errors first
+        config = _checked_for_submit(args, config_path, [n * tasks for n in counts])
         # One core per loader worker besides the rank's own, unless asked otherwise.
         cores = {} if args.cpus_per_task else {"cpus_per_task": config.data.num_workers + 1}
         options = _job_options(args, f"esmdist-{Path(args.config).stem}", tasks, **cores)
@@ -271,7 +295,10 @@ def _submit_options() -> argparse.ArgumentParser:
     """The #SBATCH side of `esmdist submit pretrain|shard`."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--time", required=True, help="time limit per start, e.g. 24:00:00")
-    options.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    options.add_argument("--nodes", default="1",
+                         help="nodes (default 1), or Slurm's range MIN-MAX: the job starts on "
+                         "what it is given, and a requeued start on another count resumes on "
+                         "it (the step's tokens kept; every count checked now)")  # fmt: skip
     options.add_argument("--gpus-per-node", type=int, default=0,
                          help="GPUs per node, one rank each; 0 for CPU ranks (default 0)")  # fmt: skip
     options.add_argument("--cpus-per-task", type=int, help="CPU cores per rank")

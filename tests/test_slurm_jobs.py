@@ -142,6 +142,38 @@ def test_submit_checks_the_config_for_the_world_size_before_queueing(tmp_path, c
     assert "#SBATCH --cpus-per-task=1" in script  # debug-cpu.toml reads with no loader worker
 
 
+def test_a_node_range_is_checked_at_every_count_it_may_start_on(tmp_path, capsys, monkeypatch):
+    """`--nodes MIN-MAX` (Slurm's range): the job takes what it is given and each start derives
+    its world size; the step's tokens must fit every count, else the ones that do are named."""
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "debug-cpu.toml"  # 8,192 tokens per step, 4,096 per micro-batch
+    assert cli(["submit", "--config", str(config), "--nodes", "1-3", "--time", "10",
+                "--dry-run", "--dependency=afterok:1"]) == 2  # fmt: skip
+    assert "on 3 rank(s) the run cannot start" in (err := capsys.readouterr().err)
+    assert "world sizes that work: 1, 2" in err
+    assert cli(["submit", "--config", str(config), "--nodes", "1-4", "--time", "10",
+                "--dry-run", "--dependency=afterok:1"]) == 2  # fmt: skip
+    assert "on 3, 4 rank(s) the run cannot start" in capsys.readouterr().err
+    assert cli(["submit", "--config", str(config), "--nodes", "2-4", "--time", "10",
+                "--dry-run", "--dependency=afterok:1", "--", "--train.tokens_per_step=16384",
+                "--data.max_tokens=1024"]) == 2  # fmt: skip
+    assert "world sizes that work: 2, 4" in capsys.readouterr().err
+    assert cli(["submit", "--config", str(config), "--nodes", "1-2", "--time", "10",
+                "--dry-run", "--dependency=afterok:1"]) == 0  # fmt: skip
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=1-2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # DeepSpeed's ZeRO checkpoints resume only on the world size that saved them.
+    assert cli(["submit", "--config", str(config), "--nodes", "1-2", "--time", "10",
+                "--dry-run", "--dependency=afterok:1", "--",
+                "--parallel.backend=deepspeed"]) == 2  # fmt: skip
+    assert "DeepSpeed ZeRO checkpoint resumes only" in capsys.readouterr().err
+    for bad in ("2-1", "a-3", "1-"):
+        assert cli(["submit", "--config", str(config), "--nodes", bad, "--time", "10",
+                    "--dry-run"]) == 2  # fmt: skip
+        assert "--nodes" in capsys.readouterr().err
+
+
 def test_submit_shard_checks_the_shard_arguments(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):

@@ -29,6 +29,9 @@ class JobOptions:
     job_name: str
     time: str
     nodes: int = 1
+    max_nodes: int | None = None
+    """With `nodes`, Slurm's range `--nodes=MIN-MAX`: the job starts on whatever it is given
+    (each start derives its world size; a resume continues on it)."""
     ntasks_per_node: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int | None = None
@@ -54,6 +57,8 @@ class JobOptions:
         for name in ("nodes", "ntasks_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_nodes is not None and self.max_nodes < self.nodes:
+            raise ValueError(f"--nodes {self.nodes}-{self.max_nodes}: MIN-MAX with MIN ≤ MAX")
         if self.gpus_per_node < 0 or (self.cpus_per_task is not None and self.cpus_per_task < 1):
             raise ValueError("--gpus-per-node must be ≥ 0 and --cpus-per-task ≥ 1")
         if self.signal_seconds is not None and self.signal_seconds < 1:
@@ -65,7 +70,10 @@ class JobOptions:
 
     def sbatch_lines(self) -> list[str]:
         log = (self.log_dir.resolve() / "%x-%j.out").as_posix()
-        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}",
+        nodes = (
+            f"{self.nodes}-{self.max_nodes}" if self.node_counts[-1] > self.nodes else self.nodes
+        )
+        lines = [f"--job-name={self.job_name}", f"--nodes={nodes}",
                  f"--ntasks-per-node={self.ntasks_per_node}", f"--time={self.time}",
                  "--requeue", "--open-mode=append", f"--output={one_line(log, '--log-dir')}",
                  f"--chdir={one_line(str(Path.cwd()), 'the working directory')}"]  # fmt: skip
@@ -79,6 +87,11 @@ class JobOptions:
         lines += [f"--{key}={value}" for key, value in optional.items() if value is not None]
         return [*lines, *self.sbatch_args]
 
+    @property
+    def node_counts(self) -> list[int]:
+        """Every node count the job may start on."""
+        return list(range(self.nodes, (self.max_nodes or self.nodes) + 1))
+
     def environment(self, python: str) -> dict[str, str]:
         env = {"ESMDIST_PYTHON": python, "ESMDIST_MAX_RESTARTS": str(self.max_restarts)}
         if self.container_image:
@@ -88,6 +101,15 @@ class JobOptions:
             # Inside the image, its own Python: `python3` on the image's PATH.
             env["ESMDIST_PYTHON"] = "python3"
         return env
+
+
+def node_range(text: str) -> tuple[int, int]:
+    """`--nodes N` or Slurm's `--nodes MIN-MAX`: (MIN, MAX)."""
+    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not found:
+        raise ValueError(f"--nodes {text!r}: a node count (4) or a range MIN-MAX (2-4)")
+    low = int(found.group(1))
+    return low, int(found.group(2) or low)
 
 
 def one_line(value: str, option: str) -> str:
