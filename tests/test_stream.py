@@ -290,3 +290,37 @@ def test_plain_url_lists_and_pipe_urls(sharded):
     ours = [t for *_, t in slot_sequences(directory, cfg, state, 0, 1)]
     theirs = [t for *_, t in slot_sequences(piped, cfg, state, 0, 1)]
     assert len(ours) == directory.total and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def read_sequences(batch) -> list[tuple[int, ...]]:
+    """The sequences a batch holds, as read (the masking undone)."""
+    tokens = batch.tokens.clone()
+    tokens[batch.selected] = batch.targets
+    bounds = batch.cu_seqlens.tolist()
+    return [tuple(tokens[a:b].tolist()) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_two_then_three_then_one_ranks_read_each_sample_of_the_epoch_once(sharded, workers):
+    """A requeued job on another world size: 2 ranks read, then 3 resume, then 1. Counting the
+    sequences the loaders handed out (masks undone) with the rest of the epoch that the last
+    layout has left, every sample of the epoch is read exactly once: none twice, none skipped."""
+    from collections import Counter
+
+    shards = ShardSet.from_directory(str(sharded), "train")
+    cfg = config(sharded, num_workers=workers, max_tokens=3000)
+    whole = OrderState.fresh(cfg.seed, 1)
+    epoch = Counter(tuple(t.tolist()) for _, _, _, t in slot_sequences(shards, cfg, whole, 0, 1))
+    read, resume = Counter(), None
+    for world_size, steps in ((2, 3), (3, 2)):
+        loaders = [TrainLoader(shards, cfg, r, world_size, resume) for r in range(world_size)]
+        for loader in loaders:
+            for batch in batches(loader, steps):
+                read.update(read_sequences(batch))
+        resume = merge_rank_states([loader.state_dict() for loader in loaders])
+    last = TrainLoader(shards, cfg, 0, 1, resume)
+    assert all(e == 0 for e, _ in last.order.slots)  # still inside the first epoch
+    for slot in range(len(last.order.slots)):
+        read.update(tuple(t.tolist()) for _, _, _, t in slot_sequences(shards, cfg, last.order,
+                                                                       slot, 1))  # fmt: skip
+    assert read == epoch and sum(epoch.values()) == shards.total
