@@ -70,9 +70,8 @@ class JobOptions:
 
     def sbatch_lines(self) -> list[str]:
         log = (self.log_dir.resolve() / "%x-%j.out").as_posix()
-        nodes = (
-            f"{self.nodes}-{self.max_nodes}" if self.node_counts[-1] > self.nodes else self.nodes
-        )
+        ranged = self.max_nodes is not None and self.max_nodes > self.nodes
+        nodes = f"{self.nodes}-{self.max_nodes}" if ranged else self.nodes
         lines = [f"--job-name={self.job_name}", f"--nodes={nodes}",
                  f"--ntasks-per-node={self.ntasks_per_node}", f"--time={self.time}",
                  "--requeue", "--open-mode=append", f"--output={one_line(log, '--log-dir')}",
