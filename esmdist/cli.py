@@ -1,4 +1,4 @@
-"""`esmdist` command line: shard, export, eval, check, submit (Slurm), status, plan.
+"""`esmdist` command line: shard, export, convert, eval, check, submit (Slurm), status, plan.
 
 Each subcommand is a thin layer over a library function so that everything it does can also be
 called (and tested) from Python.
@@ -150,15 +150,12 @@ def _checked_for_submit(args: argparse.Namespace, config_path: str, world_sizes:
 
 def _world_size_problems(config, world_sizes: list[int]) -> list[str]:
     """`quick_problems` for one world size; for several (`--nodes MIN-MAX`), each that cannot
-    keep the step's tokens is named with the ones that can — and DeepSpeed, whose ZeRO
-    checkpoints resume only on their own world size, is refused a range."""
+    keep the step's tokens is named with the ones that can (a checkpoint of any engine resumes
+    on any world size: `esmdist.checkpoint.full_state`)."""
     from esmdist.preflight import quick_problems
 
     if len(world_sizes) == 1:
         return quick_problems(config, world_sizes[0])
-    if config.parallel.backend == "deepspeed":
-        return ["--nodes MIN-MAX: a DeepSpeed ZeRO checkpoint resumes only on the world size "
-                "that saved it; give one node count, or use parallel.backend = fsdp or ddp"]  # fmt: skip
     found = {size: quick_problems(config, size) for size in world_sizes}
     good = [size for size, problems in found.items() if not problems]
     bad = {size: problems for size, problems in found.items() if problems}
@@ -425,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"esmdist {about['esmdist']} (git {about['git_commit']})")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     from esmdist.cli_eval import add_eval, add_plot
+    from esmdist.convert import add_convert
 
-    for add in (_add_export, _add_shard, add_eval, add_plot, _add_check, _add_submit, _add_status,
-                _add_plan):  # fmt: skip
+    for add in (_add_export, add_convert, _add_shard, add_eval, add_plot, _add_check, _add_submit,
+                _add_status, _add_plan):  # fmt: skip
         add(sub)
     return parser
 

@@ -63,6 +63,7 @@ from esmdist.storage import writing
 from esmdist.train_state import (
     Progress,
     TrainState,
+    needs_conversion,
     resumable,
     rng_state,
     schedule_change,
@@ -231,22 +232,24 @@ def setup(config: JobConfig) -> Run:
         where = checkpointer.find()
         checkpointer.begin(where)
         resume = None if where is None else resumable(checkpointer, where, config,
-                                                      info.world_size, train_shards.fingerprint)  # fmt: skip
+                                                      train_shards.fingerprint)  # fmt: skip
         # A resume continues the run (its own weights), not the initialisation.
         engine = engine_for(config, info, initial_weights(config, info) if resume is None else None)
         progress, data_resume, run_id, reshaped = Progress(), None, None, ""
         if resume is not None:
             checkpoint, state = resume
-            checkpointer.load(checkpoint, engine)
+            saved = checkpoint.json("config.json")
+            checkpointer.load(
+                checkpoint, engine, convert=needs_conversion(state, saved, config, info.world_size)
+            )
             set_schedule_step(engine.schedule, state.step, config.optim.lr)
             set_rng_state(state.rng)
-            reshaped = shape_change(state, info.world_size, config.parallel.backend)
+            reshaped = shape_change(state, saved, config, info.world_size)
             progress = Progress.resumed(state, reshaped)
             data_resume, run_id = state.data, state.wandb_run_id
             if info.is_main:
                 print(f"resumed from {where} at step {state.step}", flush=True)
-                for change in (reshaped, schedule_change(config, checkpoint.json("config.json"),
-                                                         state.step)):  # fmt: skip
+                for change in (reshaped, schedule_change(config, saved, state.step)):
                     if change:
                         print(change, flush=True)
         compiled = _warm_up_compiled(engine, config, info)

@@ -205,12 +205,12 @@ class TrainState:
             raise ValueError(f"{url}: {exc}") from None
 
 
-def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size: int,
+def resume_differences(run: JobConfig, saved: Any, state: TrainState,
                        dataset: str | None) -> list[str]:  # fmt: skip
     """What differs between this run and the checkpoint it would resume, among what must not
-    change across a resume: the model architecture, the data order's seed and dataset, the
-    checkpoint's engine family — and, for DeepSpeed ZeRO (no resharding), its stage, dtype and
-    world size. Each item names the key and both values."""
+    change across a resume: the model architecture, the data order's seed and dataset. (The
+    world size, backend, ZeRO stage and dtype may change: `needs_conversion`.) Each item names
+    the key and both values."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         return ["config.json: no [model] table"]
     try:
@@ -225,32 +225,41 @@ def resume_differences(run: JobConfig, saved: Any, state: TrainState, world_size
     if state.dataset is not None and dataset is not None and state.dataset != dataset:
         differences.append(f"data.path: the checkpoint was trained on another dataset "
                            f"(fingerprint {state.dataset[:12]}…, this one {dataset[:12]}…)")  # fmt: skip
-    ours, theirs_backend = run.parallel.backend, state.backend
-    if (ours == "deepspeed") != (theirs_backend == "deepspeed"):
-        differences.append(f"parallel.backend: checkpoint {theirs_backend!r} (its files are "
-                           f"{'DeepSpeed' if theirs_backend == 'deepspeed' else 'DCP'}), "
-                           f"this run {ours!r}")  # fmt: skip
-    elif ours == "deepspeed":
-        parallel, train = saved.get("parallel", {}), saved.get("train", {})
-        for key, mine, stored in (
-            ("parallel.zero_stage", run.parallel.zero_stage, parallel.get("zero_stage")),
-            ("train.dtype", run.train.dtype, train.get("dtype")),
-            ("world size", world_size, state.world_size),
-        ):
-            if mine != stored:
-                differences.append(f"{key}: checkpoint {stored!r}, this run {mine!r} (a DeepSpeed "
-                                   "ZeRO checkpoint resumes only as it was saved; export it "
-                                   "with esmdist export for anything else)")  # fmt: skip
     return differences
 
 
-def shape_change(state: TrainState, world_size: int, backend: str) -> str:
-    """ "" when this attempt runs on the checkpoint's world size and backend; else the line
-    that says what changed (the data order regroups the epoch's remaining samples among the
-    new readers: none read twice, none skipped)."""
+def engine_layout(backend: str, zero_stage: Any, dtype: Any) -> str:
+    """How an engine lays out its checkpoint: DCP (single/DDP/FSDP2: fp32 masters, any world
+    size) by backend; DeepSpeed's files by ZeRO stage and dtype too."""
+    return f"deepspeed ZeRO-{zero_stage} {dtype}" if backend == "deepspeed" else backend
+
+
+def saved_layout(state: TrainState, saved: dict) -> str:
+    """The layout of a checkpoint, from its train_state.json and config.json."""
+    parallel, train = saved.get("parallel", {}), saved.get("train", {})
+    return engine_layout(state.backend, parallel.get("zero_stage"), train.get("dtype"))
+
+
+def run_layout(run: JobConfig) -> str:
+    return engine_layout(run.parallel.backend, run.parallel.zero_stage, run.train.dtype)
+
+
+def needs_conversion(state: TrainState, saved: dict, run: JobConfig, world_size: int) -> bool:
+    """Whether this run loads the checkpoint through its whole state (`esmdist.checkpoint.
+    full_state`) instead of its engine's own reader: DCP reshards itself onto any DCP engine;
+    DeepSpeed reads back only its own files of the same stage, dtype and world size."""
+    if run.parallel.backend != "deepspeed":
+        return state.backend == "deepspeed"
+    return saved_layout(state, saved) != run_layout(run) or state.world_size != world_size
+
+
+def shape_change(state: TrainState, saved: dict, run: JobConfig, world_size: int) -> str:
+    """ "" when this attempt runs on the checkpoint's world size and engine layout; else the
+    line that says what changed (the data order regroups the epoch's remaining samples among
+    the new readers: none read twice, none skipped)."""
     changed = [f"{name} {before} → {after}" for name, before, after in (
-        ("world size", state.world_size, world_size), ("backend", state.backend, backend))
-        if before != after]  # fmt: skip
+        ("world size", state.world_size, world_size),
+        ("backend", saved_layout(state, saved), run_layout(run))) if before != after]  # fmt: skip
     if not changed:
         return ""
     return (
@@ -284,7 +293,7 @@ def schedule_change(run: JobConfig, saved: Any, step: int) -> str:
     )
 
 
-def resumable(checkpointer: Checkpointer, where: str, run: JobConfig, world_size: int,
+def resumable(checkpointer: Checkpointer, where: str, run: JobConfig,
               dataset: str) -> tuple[Committed, TrainState]:  # fmt: skip
     """The checkpoint `where` and its validated train state, once it is clear that this run can
     continue it — before any model is built; else CheckpointError naming what differs."""
@@ -297,8 +306,7 @@ def resumable(checkpointer: Checkpointer, where: str, run: JobConfig, world_size
     if state.step != checkpoint.step:
         raise CheckpointError(f"{checkpoint.url}: train_state.json is of step {state.step}, not "
                               f"of this directory's step {checkpoint.step}")  # fmt: skip
-    differences = resume_differences(run, checkpoint.json("config.json"), state, world_size,
-                                     dataset)  # fmt: skip
+    differences = resume_differences(run, checkpoint.json("config.json"), state, dataset)
     if differences:
         raise CheckpointError(
             f"{checkpoint.url}: this run cannot resume it — "

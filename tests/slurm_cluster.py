@@ -91,12 +91,18 @@ class SlurmCluster:
     def release(self, job: str) -> None:
         # Not before both nodes are done with the previous start: a start while a node still
         # completes it fails with "Job credential revoked".
-        for _ in range(120):
-            if set(self.run("sinfo", "-h", "-o", "%t").split()) <= {"idle", "mix", "alloc"}:
-                break
-            time.sleep(0.5)
+        # A drained node ("drain") takes no job: nothing to wait for there.
+        self.wait_nodes({"idle", "mix", "alloc", "drain"})
         time.sleep(1.0)
         self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+    def wait_nodes(self, states: set[str], timeout: float = 60) -> None:
+        """Until every node is in one of `states` (sinfo's short names: idle, alloc, …)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if set(self.run("sinfo", "-h", "-o", "%t").split()) <= states:
+                return
+            time.sleep(0.5)
 
     def wait_for_line(self, log: Path, pattern: str, timeout: float) -> re.Match:
         deadline = time.monotonic() + timeout

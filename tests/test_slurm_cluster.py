@@ -82,8 +82,8 @@ def submitted(output: str) -> str:
 
 
 def submit(cluster: SlurmCluster, workspace: Path, *options: str, config: str = "run.toml",
-           overrides: tuple[str, ...] = ()) -> tuple[str, Path]:  # fmt: skip
-    job = submitted(cluster.run(ESMDIST, "submit", "--config", config, "--nodes", "2",
+           overrides: tuple[str, ...] = (), nodes: str = "2") -> tuple[str, Path]:  # fmt: skip
+    job = submitted(cluster.run(ESMDIST, "submit", "--config", config, "--nodes", nodes,
                                 "--gpus-per-node", "0", "--log-dir", "logs", *options, "--",
                                 *overrides, cwd=workspace))  # fmt: skip
     return job, workspace / "logs" / f"esmdist-{Path(config).stem}-{job}.out"
@@ -203,3 +203,31 @@ def test_a_killed_rank_fails_the_job_without_requeue_and_a_resubmission_resumes(
     text = relog.read_text()
     assert info["JobState"] == "COMPLETED", text
     assert "resumed from step_0000000" in text and "training finished" in text
+
+
+def test_a_preempted_job_requeued_on_fewer_nodes_converts_its_checkpoint_and_finishes(
+    cluster, workspace, uninterrupted
+):
+    """`--nodes 1-2` under DeepSpeed ZeRO-2: the job starts on both nodes; node2 drains and the
+    job is preempted; requeued, Slurm gives it the one node left, and the run converts its
+    2-rank ZeRO checkpoint for 1 rank, says so, and finishes."""
+    cluster.wait_done(uninterrupted[0], timeout=300, release=False)
+    cluster.wait_nodes({"idle"})  # else Slurm starts it on the nodes free at that moment
+    job, log = submit(cluster, workspace, "--time", "00:10:00", nodes="1-2",
+                      overrides=("--train.output_dir=shrunk", "--train.max_steps=16",
+                                 "--parallel.backend=deepspeed"))  # fmt: skip
+    try:
+        cluster.wait_for_line(log, r"checkpoint \S+step_000000008 committed", timeout=240)
+        cluster.run("scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=shrink-test")
+        cluster.run("scancel", "--signal=USR1", "--batch", job)
+        assert cluster.wait_for(job, ("PENDING",), timeout=120)["Restarts"] == "1"
+        info = cluster.wait_done(job, timeout=300)
+    finally:
+        cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME", check=False)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    assert "1: rank 1 of 2 on node2" in text and "(1 nodes, 1 ranks)" in text
+    stopped = int(text.split("stopped by signal after step ")[1].split(";")[0])
+    assert f"resumed from step_{stopped:09d} at step {stopped}" in text
+    assert "this resume changes the run's shape: world size 2 → 1" in text
+    assert "converting " in text and "training finished" in text

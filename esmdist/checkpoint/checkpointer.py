@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from esmdist.checkpoint.dcp import dcp_failures, dcp_writer, load_dcp
 from esmdist.checkpoint.deepspeed_files import DEEPSPEED_TAG, verified_local_copy
+from esmdist.checkpoint.full_state import load_full
 from esmdist.checkpoint.lock import RunLock
 from esmdist.checkpoint.manifest import (
     COMMITTED,
@@ -313,11 +314,18 @@ class Checkpointer:
         """The committed checkpoint `where`, its files checked against COMMITTED's list."""
         return Committed.open(*self._store_for(where))
 
-    def load(self, checkpoint: Committed, engine: CheckpointedEngine) -> None:
+    def load(
+        self, checkpoint: Committed, engine: CheckpointedEngine, convert: bool = False
+    ) -> None:
         """Load the engine's model and optimizer state from `checkpoint`; the sha256 of each
-        file is checked as it is read for loading (one pass over the bytes)."""
-        read_engine_state(engine, checkpoint.store, checkpoint.name, "model_optim",
-                          expected=checkpoint.model_optim)  # fmt: skip
+        file is checked as it is read for loading (one pass over the bytes). `convert`: the
+        checkpoint was written by another engine layout (world size, backend, ZeRO stage): rank
+        0 reads its whole state and every rank takes its part."""
+        parts = (checkpoint.name, "model_optim")
+        if convert:
+            load_full(engine, checkpoint.store, *parts, expected=checkpoint.model_optim)
+        else:
+            read_engine_state(engine, checkpoint.store, *parts, expected=checkpoint.model_optim)
 
 
 class CheckpointedEngine(Protocol):
@@ -332,6 +340,8 @@ class CheckpointedEngine(Protocol):
     def load_checkpoint_state(self, state: dict) -> None: ...
     def save_files(self, directory: str, tag: str) -> None: ...
     def load_files(self, directory: str, tag: str) -> None: ...
+    def full_shapes(self) -> dict[str, tuple[int, ...]]: ...
+    def load_full_state(self, model: dict | None, moments: dict | None, step: float) -> None: ...
 
 
 def write_engine_state(engine: CheckpointedEngine, store: Store, *parts: str) -> Digests:

@@ -258,9 +258,9 @@ def dcp_reader(store, *parts: str, expected: Digests):
     return VerifiedReader()
 
 
-def read_dcp_shapes(store, *parts: str, expected: Digests, prefix: str) -> dict[str, tuple]:
-    """The shape of every tensor stored under the key `prefix…`, by the rest of its key, from
-    the verified `.metadata` alone (no tensor data is read)."""
+def read_dcp_entries(store, *parts: str, expected: Digests) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The (shape, dtype) of every tensor stored, by key, from the verified `.metadata` alone
+    (no tensor data is read)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp_reader(store, *parts, expected=expected)
@@ -268,9 +268,16 @@ def read_dcp_shapes(store, *parts: str, expected: Digests, prefix: str) -> dict[
         metadata = reader.read_metadata()
     finally:
         reader.close()
-    return {key[len(prefix) :]: tuple(entry.size)
+    return {key: (tuple(entry.size), entry.properties.dtype)
             for key, entry in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}  # fmt: skip
+            if isinstance(entry, TensorStorageMetadata)}  # fmt: skip
+
+
+def read_dcp_shapes(store, *parts: str, expected: Digests, prefix: str) -> dict[str, tuple]:
+    """The shape of every tensor stored under the key `prefix…`, by the rest of its key."""
+    entries = read_dcp_entries(store, *parts, expected=expected)
+    return {key[len(prefix) :]: shape for key, (shape, _) in entries.items()
+            if key.startswith(prefix)}  # fmt: skip
 
 
 def load_dcp(state: dict, store, *parts: str, expected: Digests, ignored=(), no_dist=False):

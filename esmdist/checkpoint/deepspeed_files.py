@@ -17,10 +17,11 @@ DEEPSPEED_TAG = "deepspeed"
 
 
 @contextlib.contextmanager
-def verified_local_copy(store, *parts: str, expected: Digests) -> Iterator[str]:
+def verified_local_copy(store, *parts: str, expected: Digests,
+                        collective: bool = True) -> Iterator[str]:  # fmt: skip
     """A local directory holding `store/parts` (a CheckpointStore), every file checked against
-    `expected`. Under a process group every rank learns every rank's failure before any goes
-    on to DeepSpeed's collectives."""
+    `expected`. `collective`: every rank of the process group calls this, and every rank learns
+    every rank's failure before any goes on to DeepSpeed's collectives."""
     scratch = local_scratch(needed=sum(size for size, _ in expected.values()))
     problems = []
     try:
@@ -30,7 +31,8 @@ def verified_local_copy(store, *parts: str, expected: Digests) -> Iterator[str]:
                 store.check_file(expected, *parts, name, copy_to=copy_to)
         except CheckpointError as exc:
             problems.append(str(exc))
-        problems = sorted({p for part in gather_objects(problems) for p in part})
+        if collective:
+            problems = sorted({p for part in gather_objects(problems) for p in part})
         if problems:
             raise CheckpointError("; ".join(problems))
         yield str(scratch) if store.remote else store.path(*parts)

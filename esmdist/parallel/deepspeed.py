@@ -103,7 +103,82 @@ class DeepSpeedEngine(Engine):
     def save_files(self, directory: str, tag: str) -> None:
         self.model.save_checkpoint(directory, tag=tag)
 
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {k: tuple(v.shape) for k, v in self.module.state_dict().items()}
+        # ZeRO-3 holds each rank's partition in the parameter: its whole shape is ds_shape.
+        shapes.update({n: tuple(p.ds_shape) for n, p in self.module.named_parameters()
+                       if hasattr(p, "ds_shape")})  # fmt: skip
+        return shapes
+
+    def load_full_state(self, model: dict | None, moments: dict | None, step: float) -> None:
+        """Every rank receives each whole tensor from rank 0 in turn (one parameter's worth
+        of memory at a time) and keeps its own part: the module's weights, the fp32 master and
+        Adam moments of each trainable parameter (DeepSpeed's fragment API; ZeRO-3's own
+        partitioning where that API cannot handle a padded last partition)."""
+        import torch.distributed as dist
+
+        zero = self.model.optimizer
+        masters = (zero.fp32_partitioned_groups_flat if self.zero_stage == 3
+                   else zero.single_partition_of_fp32_groups)  # fmt: skip
+        # A fresh ZeRO optimizer creates Adam's state at its first step: make it now.
+        for flat in masters:
+            zero.optimizer.state[flat] = {"step": torch.tensor(float(step)),
+                                          **{k: torch.zeros_like(flat) for k in MOMENTS}}  # fmt: skip
+        if self.zero_stage < 3:
+            zero._lazy_init_hp_params_optimizer_state()
+        device = next(self.module.parameters()).device
+        shapes = self.full_shapes()
+        for name, tensor in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            whole = torch.empty(shapes[name], dtype=torch.float32, device=device)
+            if model is not None:
+                whole.copy_(model[name])
+            dist.broadcast(whole, 0)
+            _set_module_tensor(tensor, whole)
+            if not (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
+                continue
+            _set_master(tensor, whole, None)
+            for kind in MOMENTS:
+                if model is not None:
+                    whole.copy_(moments[name][kind])
+                dist.broadcast(whole, 0)
+                _set_master(tensor, whole, kind)
+
     def load_files(self, directory: str, tag: str) -> None:
         path, _ = self.model.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _partition(param, whole: torch.Tensor, size: int) -> torch.Tensor:
+    """This rank's piece of a ZeRO-3 parameter's `size`-element partition (the last rank's is
+    padded: its tail stays zero)."""
+    flat = whole.flatten()
+    start = size * param.ds_zero_partition_rank if hasattr(param, "ds_zero_partition_rank") else 0
+    piece = torch.zeros(size, dtype=whole.dtype, device=whole.device)
+    part = flat[start : start + size]
+    piece[: part.numel()] = part
+    return piece
+
+
+def _set_module_tensor(tensor: torch.Tensor, whole: torch.Tensor) -> None:
+    if hasattr(tensor, "ds_tensor"):  # ZeRO-3: this rank's partition of the weights
+        tensor.ds_tensor.data.copy_(_partition(tensor, whole, tensor.ds_tensor.numel()))
+    else:
+        tensor.data.copy_(whole)
+
+
+def _set_master(param, whole: torch.Tensor, kind: str | None) -> None:
+    """The fp32 master (`kind` None) or an Adam moment of `param`, from its whole value."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(param, "ds_id"):
+        target, _ = param._z3_optimizer._get_fp32_opt_state_partition(
+            param, release_swap_buffers=False, optim_state_key=kind)  # fmt: skip
+        target.data.copy_(_partition(param, whole, target.numel()))
+    elif kind is None:
+        safe_set_full_fp32_param(param, whole)
+    else:
+        safe_set_full_optimizer_state(param, whole, kind)

@@ -121,6 +121,16 @@ class Engine:
         """("files") Write this rank's checkpoint files under the local `directory`."""
         raise NotImplementedError
 
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The whole shape of every entry of the module's state dict, however it is sharded."""
+        return {k: tuple(v.shape) for k, v in self.module.state_dict().items()}
+
+    def load_full_state(self, model: dict | None, moments: dict | None, step: float) -> None:
+        """Take a whole model (fp32 masters) and AdamW state — `moments[name]` holds `exp_avg`
+        and `exp_avg_sq` — given on rank 0 (the others pass None), whatever engine wrote it:
+        the load of a resume that changes the world size, backend or ZeRO stage."""
+        raise NotImplementedError
+
     def load_files(self, directory: str, tag: str) -> None:
         """("files") Read them back; FileNotFoundError when there are none."""
         raise NotImplementedError
@@ -360,6 +370,26 @@ class TorchEngine(Engine):
 
         set_state_dict(self.state_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
+        self._after_load()
+
+    def load_full_state(self, model: dict | None, moments: dict | None, step: float) -> None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint import state_dict as dsd
+
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        (group,) = self.optimizer.param_groups  # build_optimizer makes one
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": names}]
+        optim = {"state": {}, "param_groups": groups}
+        if model is not None:
+            optim["state"] = {n: {"step": torch.tensor(step), **moments[n]} for n in names}
+        spread = dist.is_initialized() and dist.get_world_size() > 1
+        options = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=spread)
+        # Separately: set_state_dict skips the model on ranks that pass an empty one.
+        dsd.set_model_state_dict(self.state_model, model or {}, options=options)
+        dsd.set_optimizer_state_dict(self.state_model, self.optimizer, optim, options=options)
+        self._after_load()
+
+    def _after_load(self) -> None:
         self.wrapped.after_update()
         # A checkpoint's parameter groups carry the implementation flags of the optimizer that
         # saved it (foreach AdamW before 2026-12-02), and its step counts sit where that one

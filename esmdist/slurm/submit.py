@@ -70,10 +70,12 @@ class JobOptions:
 
     def sbatch_lines(self) -> list[str]:
         log = (self.log_dir.resolve() / "%x-%j.out").as_posix()
-        ranged = self.max_nodes is not None and self.max_nodes > self.nodes
-        nodes = f"{self.nodes}-{self.max_nodes}" if ranged else self.nodes
-        lines = [f"--job-name={self.job_name}", f"--nodes={nodes}",
-                 f"--ntasks-per-node={self.ntasks_per_node}", f"--time={self.time}",
+        # On a range, a task count would make Slurm allocate MIN nodes even when MAX are free
+        # (it sizes the job by MIN × tasks per node): whole nodes instead, and the job script
+        # places the tasks (ESMDIST_TASKS_PER_NODE).
+        nodes = f"{self.nodes}-{self.max_nodes}" if self.ranged else self.nodes
+        tasks = "--exclusive" if self.ranged else f"--ntasks-per-node={self.ntasks_per_node}"
+        lines = [f"--job-name={self.job_name}", f"--nodes={nodes}", tasks, f"--time={self.time}",
                  "--requeue", "--open-mode=append", f"--output={one_line(log, '--log-dir')}",
                  f"--chdir={one_line(str(Path.cwd()), 'the working directory')}"]  # fmt: skip
         if self.gpus_per_node:
@@ -87,12 +89,18 @@ class JobOptions:
         return [*lines, *self.sbatch_args]
 
     @property
+    def ranged(self) -> bool:
+        return self.max_nodes is not None and self.max_nodes > self.nodes
+
+    @property
     def node_counts(self) -> list[int]:
         """Every node count the job may start on."""
         return list(range(self.nodes, (self.max_nodes or self.nodes) + 1))
 
     def environment(self, python: str) -> dict[str, str]:
         env = {"ESMDIST_PYTHON": python, "ESMDIST_MAX_RESTARTS": str(self.max_restarts)}
+        if self.ranged:
+            env["ESMDIST_TASKS_PER_NODE"] = str(self.ntasks_per_node)
         if self.container_image:
             env["ESMDIST_CONTAINER_IMAGE"] = self.container_image
             if self.container_mounts:
