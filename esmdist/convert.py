@@ -67,8 +67,12 @@ def convert(source: str, out: str, target: Target) -> str:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        mp.start_processes(_convert_rank, args=(source, out, target, before, port),
-                           nprocs=target.world_size, start_method="spawn")  # fmt: skip
+        try:
+            mp.start_processes(_convert_rank, args=(source, out, target, before, port),
+                               nprocs=target.world_size, start_method="spawn")  # fmt: skip
+        except mp.ProcessException as exc:  # a rank's error: its last line names the cause
+            last = str(exc).strip().splitlines()[-1]
+            raise RuntimeError(f"the conversion failed on rank {exc.error_index}: {last}") from None
     return f"{out.rstrip('/')}/{checkpoint.name}"
 
 

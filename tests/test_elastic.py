@@ -89,28 +89,34 @@ def full_params(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_source(rank: int, engine_name: str, root: str):
-    """Two steps from seed 1, a checkpoint of step 2; the parameters then and after step 3."""
+def save_sources(rank: int, names: list[str], base: str) -> dict:
+    """For each engine: two steps from seed 1, a checkpoint of step 2 under `base/name`; the
+    parameters then and after step 3."""
     from esmdist.checkpoint import CheckpointConfig, Checkpointer
     from esmdist.parallel import init_distributed
     from esmdist.train import engine_for
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS)
     world = int(os.environ["WORLD_SIZE"])
-    run = config(engine_name, world, seed=1)
-    info = init_distributed(run.parallel.backend)
-    engine = engine_for(run, info)
-    for step in range(2):
-        take_step(engine, info, step)
-    saved = full_params(engine)
-    checkpointer = Checkpointer(CheckpointConfig(root=root), root)
-    checkpointer.begin(None)
-    order = {"order": OrderState.fresh(run.data.seed, world).to_dict(), "rotations": [0] * world}
-    state = TrainState(2, 0, 0, order, rng_state(), world, run.parallel.backend)
-    checkpointer.save(2, engine, state.to_dict(), run.to_dict())
-    checkpointer.close()
-    take_step(engine, info, 2)
-    return saved, full_params(engine)
+    info = init_distributed("single" if names == ["single"] else "deepspeed")
+    found = {}
+    for name in names:
+        run = config(name, world, seed=1)
+        engine = engine_for(run, info)
+        for step in range(2):
+            take_step(engine, info, step)
+        saved = full_params(engine)
+        root = f"{base}/{name}"
+        checkpointer = Checkpointer(CheckpointConfig(root=root), root)
+        checkpointer.begin(None)
+        order = {"order": OrderState.fresh(run.data.seed, world).to_dict(),
+                 "rotations": [0] * world}  # fmt: skip
+        state = TrainState(2, 0, 0, order, rng_state(), world, run.parallel.backend)
+        checkpointer.save(2, engine, state.to_dict(), run.to_dict())
+        checkpointer.close()
+        take_step(engine, info, 2)
+        found[name] = (root, world, saved, full_params(engine))
+    return found
 
 
 def resume_all(rank: int, sources: dict[str, str], targets: list[str]):
@@ -145,12 +151,9 @@ def resume_all(rank: int, sources: dict[str, str], targets: list[str]):
 def sources(tmp_path_factory):
     """name → (checkpoint root, world size, parameters at step 2, after step 3)."""
     base = tmp_path_factory.mktemp("elastic")
-    found = {}
-    for name in ENGINES:
-        world = 1 if name == "single" else 2
-        root = str(base / name)
-        saved, after = run_ranks(save_source, world, base, name, root)[0]
-        found[name] = (root, world, saved, after)
+    found = run_ranks(save_sources, 1, base, ["single"], str(base))[0]
+    found.update(run_ranks(save_sources, 2, base, [n for n in ENGINES if n != "single"],
+                           str(base))[0])  # fmt: skip
     return found
 
 
@@ -221,3 +224,25 @@ def test_convert_ahead_of_time(sources, tmp_path, capsys):
     _check(results, sources)
     assert not results["zero2", "zero3"][0] and not results["zero3", "fsdp"][0]
     assert results["zero2", "fsdp"][0] and results["zero3", "zero3"][0]
+
+
+def test_a_zero_file_that_does_not_hold_zero_state_is_named(sources, tmp_path):
+    """A conversion reads DeepSpeed's files itself: one that hashes as committed but holds
+    something else fails with one line naming the checkpoint, not a KeyError."""
+    import hashlib
+    import shutil
+
+    from esmdist.checkpoint import CheckpointError, CheckpointStore
+    from esmdist.checkpoint.full_state import read_full_state
+
+    root = tmp_path / "forged"
+    shutil.copytree(sources["zero2"][0], root)
+    files = root / "step_000000002" / "model_optim"
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": 2}},
+               next(files.rglob("*optim_states.pt")))  # fmt: skip
+    expected = {p.relative_to(files).as_posix(): (p.stat().st_size,
+                                                  hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in files.rglob("*") if p.is_file()}  # fmt: skip
+    with pytest.raises(CheckpointError, match="not a readable DeepSpeed ZeRO checkpoint"):
+        read_full_state(CheckpointStore(str(root)), "step_000000002", "model_optim",
+                        expected=expected)  # fmt: skip

@@ -138,48 +138,51 @@ def _one_step(steps: set[float], url: str) -> float:
 
 
 def _from_zero_files(store, *parts: str, expected: Digests) -> FullState:
-    from deepspeed.utils import zero_to_fp32 as zero
-
     url = store.url_of(*parts)
     with (
         verified_local_copy(store, *parts, expected=expected, collective=False) as directory,
         torch_pickles_without_code(url),
     ):
-        folder = f"{directory}/{DEEPSPEED_TAG}"
         try:
-            model_files = zero.get_model_state_files(folder)
-            model_states = zero.parse_model_states(model_files)
-            module = torch.load(model_files[0], map_location="cpu", weights_only=True)["module"]
-            files = zero.get_optim_files(folder)
-            ranks = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-                     ["optimizer_state_dict"] for f in files]  # fmt: skip
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise CheckpointError(
-                f"{url}: not a readable DeepSpeed ZeRO checkpoint ({exc})"
-            ) from None
-        stage = int(ranks[0]["zero_stage"])
-        world = max(ranks[0]["partition_count"]) if isinstance(
-            ranks[0]["partition_count"], list) else int(ranks[0]["partition_count"])  # fmt: skip
-        if world != len(ranks):
-            raise CheckpointError(f"{url}: {len(ranks)} optimizer files for {world} ranks")
-        masters = [r["fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"]
-                   for r in ranks]  # fmt: skip
-        # Adam's state per flat group, keyed by the group's index; ZeRO-1/2 keep it padded to
-        # the partition, their fp32 masters are saved without that padding.
-        inner = [r["optimizer_state_dict" if stage == 3 else "base_optimizer_state"]["state"]
-                 for r in ranks]  # fmt: skip
-        paddings = ranks[0].get("param_alignment_paddings")
-        merge = _zero_merge(zero, stage, world, model_states, paddings)
-        model = merge(masters, trainable_only=False)
-        # ZeRO-1/2 keep frozen parameters only in the module's own state dict (as computed).
-        model.update({k: v.float() if v.is_floating_point() else v.clone()
-                      for k, v in module.items() if k not in model})  # fmt: skip
-        moments_by_kind = {}
-        for kind in MOMENTS:
-            flats = [[state[g][kind][: len(flat)] for g, flat in enumerate(groups)]
-                     for state, groups in zip(inner, masters, strict=True)]  # fmt: skip
-            moments_by_kind[kind] = merge(flats, trainable_only=True)
-        steps = {float(state[g]["step"]) for state in inner for g in state}
+            return _zero_state(f"{directory}/{DEEPSPEED_TAG}", url)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError,
+                FileNotFoundError) as exc:  # fmt: skip
+            # Files that hash as committed but do not hold what DeepSpeed writes.
+            raise CheckpointError(f"{url}: not a readable DeepSpeed ZeRO checkpoint "
+                                  f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+
+
+def _zero_state(folder: str, url: str) -> FullState:
+    from deepspeed.utils import zero_to_fp32 as zero
+
+    model_files = zero.get_model_state_files(folder)
+    model_states = zero.parse_model_states(model_files)
+    module = torch.load(model_files[0], map_location="cpu", weights_only=True)["module"]
+    ranks = [torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+             ["optimizer_state_dict"] for f in zero.get_optim_files(folder)]  # fmt: skip
+    stage, world = int(ranks[0]["zero_stage"]), ranks[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else int(world)
+    if world != len(ranks):
+        raise CheckpointError(f"{url}: {len(ranks)} optimizer files for {world} ranks")
+    masters = [r["fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"]
+               for r in ranks]  # fmt: skip
+    # Adam's state per flat group, keyed by the group's index; ZeRO-1/2 keep it padded to the
+    # partition, their fp32 masters are saved without that padding.
+    inner = [r["optimizer_state_dict" if stage == 3 else "base_optimizer_state"]["state"]
+             for r in ranks]  # fmt: skip
+    merge = _zero_merge(zero, stage, world, model_states, ranks[0].get("param_alignment_paddings"))
+    model = merge(masters, trainable_only=False)
+    # ZeRO-1/2 keep frozen parameters only in the module's own state dict (as computed).
+    model.update({k: v.float() if v.is_floating_point() else v.clone()
+                  for k, v in module.items() if k not in model})  # fmt: skip
+    moments_by_kind = {}
+    for kind in MOMENTS:
+        flats = [[state[g][kind][: len(flat)] for g, flat in enumerate(groups)]
+                 for state, groups in zip(inner, masters, strict=True)]  # fmt: skip
+        moments_by_kind[kind] = merge(flats, trainable_only=True)
+    steps = {float(state[g]["step"]) for state in inner for g in state}
     moments = {name: {kind: moments_by_kind[kind][name] for kind in MOMENTS}
                for name in moments_by_kind["exp_avg"]}  # fmt: skip
     return FullState(model, moments, _one_step(steps, url))
@@ -207,6 +210,7 @@ def _zero_merge(zero, stage: int, world: int, model_states, paddings):
         else:
             merged = zero._get_fp32_state_dict_from_zero2_checkpoint(
                 world, flat_groups, model_states, False, paddings)  # fmt: skip
-        return {k: v.clone() for k, v in zero.to_torch_tensor(merged).items()}
+        # Fresh tensors already (concatenated from the files), never views of the mmap.
+        return zero.to_torch_tensor(merged)
 
     return merge

@@ -111,12 +111,10 @@ class DeepSpeedEngine(Engine):
         return shapes
 
     def load_full_state(self, model: dict | None, moments: dict | None, step: float) -> None:
-        """Every rank receives each whole tensor from rank 0 in turn (one parameter's worth
-        of memory at a time) and keeps its own part: the module's weights, the fp32 master and
-        Adam moments of each trainable parameter (DeepSpeed's fragment API; ZeRO-3's own
-        partitioning where that API cannot handle a padded last partition)."""
-        import torch.distributed as dist
-
+        """Rank 0 hands out each tensor in turn (one parameter's worth of memory at a time):
+        under ZeRO-3 each rank receives only its partition of the weights, fp32 master and
+        Adam moments (a scatter); under ZeRO-1/2, whose module weights are whole on every rank,
+        each whole tensor, of which DeepSpeed's fragment API keeps this rank's part."""
         zero = self.model.optimizer
         masters = (zero.fp32_partitioned_groups_flat if self.zero_stage == 3
                    else zero.single_partition_of_fp32_groups)  # fmt: skip
@@ -129,19 +127,15 @@ class DeepSpeedEngine(Engine):
         device = next(self.module.parameters()).device
         shapes = self.full_shapes()
         for name, tensor in [*self.module.named_parameters(), *self.module.named_buffers()]:
-            whole = torch.empty(shapes[name], dtype=torch.float32, device=device)
-            if model is not None:
-                whole.copy_(model[name])
-            dist.broadcast(whole, 0)
-            _set_module_tensor(tensor, whole)
-            if not (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
-                continue
-            _set_master(tensor, whole, None)
-            for kind in MOMENTS:
-                if model is not None:
-                    whole.copy_(moments[name][kind])
-                dist.broadcast(whole, 0)
-                _set_master(tensor, whole, kind)
+            trained = isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
+            values = [None if model is None else model[name]]
+            if trained:
+                values += [None if model is None else moments[name][k] for k in MOMENTS]
+            hand_out = _scatter if hasattr(tensor, "ds_tensor") else _broadcast
+            received = [hand_out(tensor, value, shapes[name], device) for value in values]
+            _set_module_tensor(tensor, received[0])
+            for kind, value in zip((None, *MOMENTS) if trained else (), received, strict=False):
+                _set_master(tensor, value, kind)
 
     def load_files(self, directory: str, tag: str) -> None:
         path, _ = self.model.load_checkpoint(directory, tag=tag)
@@ -152,32 +146,62 @@ class DeepSpeedEngine(Engine):
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _partition(param, whole: torch.Tensor, size: int) -> torch.Tensor:
-    """This rank's piece of a ZeRO-3 parameter's `size`-element partition (the last rank's is
-    padded: its tail stays zero)."""
-    flat = whole.flatten()
-    start = size * param.ds_zero_partition_rank if hasattr(param, "ds_zero_partition_rank") else 0
-    piece = torch.zeros(size, dtype=whole.dtype, device=whole.device)
-    part = flat[start : start + size]
-    piece[: part.numel()] = part
+def _broadcast(tensor, value: torch.Tensor | None, shape: tuple, device) -> torch.Tensor:
+    """`value` (given on rank 0) whole on every rank, in fp32."""
+    import torch.distributed as dist
+
+    whole = torch.empty(shape, dtype=torch.float32, device=device)
+    if value is not None:
+        whole.copy_(value)
+    dist.broadcast(whole, 0)
+    return whole
+
+
+def _scatter(param, value: torch.Tensor | None, shape: tuple, device) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of `value` (given on rank 0), in fp32: the last rank's is
+    padded with zeros, as DeepSpeed pads it."""
+    import torch.distributed as dist
+
+    size, group = param.partition_numel(), param.ds_process_group
+    piece = torch.empty(size, dtype=torch.float32, device=device)
+    chunks = None
+    if value is not None:
+        flat = value.to(device, torch.float32).flatten()
+        padded = torch.nn.functional.pad(
+            flat, (0, size * dist.get_world_size(group) - flat.numel())
+        )
+        chunks = list(padded.split(size))
+    dist.scatter(piece, chunks, src=0, group=group)
     return piece
 
 
-def _set_module_tensor(tensor: torch.Tensor, whole: torch.Tensor) -> None:
-    if hasattr(tensor, "ds_tensor"):  # ZeRO-3: this rank's partition of the weights
-        tensor.ds_tensor.data.copy_(_partition(tensor, whole, tensor.ds_tensor.numel()))
-    else:
-        tensor.data.copy_(whole)
+def _set_module_tensor(tensor: torch.Tensor, received: torch.Tensor) -> None:
+    """The module's weight (whole) or, under ZeRO-3, this rank's partition of it."""
+    if not hasattr(tensor, "ds_tensor"):
+        tensor.data.copy_(received)
+        return
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    tensor.ds_tensor.data.copy_(received)
+    if tensor.ds_status == ZeroParamStatus.AVAILABLE:
+        # Gathered now (a small parameter DeepSpeed keeps whole between steps): else that copy
+        # would go on with the weights from before the load.
+        group = tensor.ds_process_group
+        whole = torch.empty(received.numel() * dist.get_world_size(group), dtype=received.dtype,
+                            device=received.device)  # fmt: skip
+        dist.all_gather_into_tensor(whole, received, group=group)
+        tensor.data.copy_(whole[: tensor.ds_numel].view_as(tensor.data))
 
 
 def _set_master(param, whole: torch.Tensor, kind: str | None) -> None:
     """The fp32 master (`kind` None) or an Adam moment of `param`, from its whole value."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if hasattr(param, "ds_id"):
+    if hasattr(param, "ds_id"):  # `whole` is this rank's partition here
         target, _ = param._z3_optimizer._get_fp32_opt_state_partition(
             param, release_swap_buffers=False, optim_state_key=kind)  # fmt: skip
-        target.data.copy_(_partition(param, whole, target.numel()))
+        target.data.copy_(whole)
     elif kind is None:
         safe_set_full_fp32_param(param, whole)
     else:
