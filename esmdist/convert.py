@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 
 from esmdist.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, open_checkpoint
@@ -34,9 +33,8 @@ class Target:
         return engine_layout(backend, self.zero_stage, self.dtype)
 
 
-def target_config(saved: dict, target: Target) -> JobConfig:
+def target_config(config: JobConfig, target: Target) -> JobConfig:
     """The checkpoint's run config with the target's engine layout."""
-    config = build_section(JobConfig, saved, "")
     parallel = dataclasses.replace(
         config.parallel, backend="single" if target.to == "dcp" else "deepspeed",
         zero_stage=target.zero_stage,
@@ -45,30 +43,38 @@ def target_config(saved: dict, target: Target) -> JobConfig:
     return dataclasses.replace(config, parallel=parallel, train=train)
 
 
-def convert(source: str, out: str, target: Target) -> str:
-    """Write `source` converted to `target` as a committed checkpoint under the root `out`;
-    its URL."""
+def convert(source: str, out: str, to: str, world_size: int = 1, zero_stage: int | None = None,
+            dtype: str | None = None) -> str:  # fmt: skip
+    """Write `source` converted as a committed checkpoint under the root `out` (`to`: "dcp" or
+    "deepspeed"; the stage and dtype default to the run's); its URL."""
     checkpoint = open_checkpoint(source)
     saved = checkpoint.json("config.json")
     url = checkpoint.store.url_of(checkpoint.name, "train_state.json")
     try:
         state = TrainState.from_dict(checkpoint.json("train_state.json"), url)
+        run = build_section(JobConfig, saved, "")
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError(f"{checkpoint.url}: {exc}") from None
+    target = Target(to, world_size, zero_stage or run.parallel.zero_stage, dtype or run.train.dtype)
     before = f"{saved_layout(state, saved)} on {state.world_size} rank(s)"
     print(f"converting {checkpoint.url} ({before}) to {target.layout()} on "
           f"{target.world_size} rank(s) under {out}", flush=True)  # fmt: skip
-    target_config(saved, target)  # its errors before any process starts
+    config = target_config(run, target)  # its errors before any process starts
+    change = f"esmdist convert: {before} → {target.layout()} on {target.world_size} rank(s)"
+    converted = dataclasses.replace(
+        state, world_size=target.world_size, backend=config.parallel.backend,
+        changes=[*state.changes, {"step": state.step, "change": change}],
+    )  # fmt: skip
+    job = (source, out, config, converted)
     if target.world_size == 1:
-        _convert_rank(0, source, out, target, before, None)
+        _convert_rank(0, *job, None)
     else:
         import torch.multiprocessing as mp
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        from esmdist.parallel import free_port
+
         try:
-            mp.start_processes(_convert_rank, args=(source, out, target, before, port),
+            mp.start_processes(_convert_rank, args=(*job, free_port()),
                                nprocs=target.world_size, start_method="spawn")  # fmt: skip
         except mp.ProcessException as exc:  # a rank's error: its last line names the cause
             last = str(exc).strip().splitlines()[-1]
@@ -76,37 +82,30 @@ def convert(source: str, out: str, target: Target) -> str:
     return f"{out.rstrip('/')}/{checkpoint.name}"
 
 
-def _convert_rank(rank: int, source: str, out: str, target: Target, before: str,
+def _convert_rank(rank: int, source: str, out: str, config: JobConfig, state: TrainState,
                   port: int | None) -> None:  # fmt: skip
-    """One process of the conversion: the target engine loads the whole state, then saves."""
+    """One process of the conversion: the target engine loads the whole state of `source`,
+    then saves it with `state` (the converted train state) and `config`."""
     from esmdist.parallel import init_distributed
     from esmdist.train import engine_for
 
     if port is not None:  # CPU processes: a GPU node's devices are not needed here
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(target.world_size),
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(state.world_size),
                           LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           CUDA_VISIBLE_DEVICES="")  # fmt: skip
-    checkpoint = open_checkpoint(source)
-    saved = checkpoint.json("config.json")
-    config = target_config(saved, target)
     # The engine only holds state here: one micro-batch per step, nothing compiled.
     micro = config.data.crop_length
     train = dataclasses.replace(config.train, compile="false",
-                                tokens_per_step=micro * target.world_size)  # fmt: skip
+                                tokens_per_step=micro * state.world_size)  # fmt: skip
     data = dataclasses.replace(config.data, max_tokens=micro)
     info = init_distributed(config.parallel.backend)
     engine = engine_for(dataclasses.replace(config, train=train, data=data), info)
-    state = TrainState.from_dict(checkpoint.json("train_state.json"), checkpoint.url)
+    checkpoint = open_checkpoint(source)
     checkpointer = Checkpointer(CheckpointConfig(root=out), out)
     checkpointer.begin(None)
     try:
         checkpointer.load(checkpoint, engine, convert=True)
-        change = f"esmdist convert: {before} → {target.layout()} on {target.world_size} rank(s)"
-        converted = dataclasses.replace(
-            state, world_size=target.world_size, backend=config.parallel.backend,
-            changes=[*state.changes, {"step": state.step, "change": change}],
-        )  # fmt: skip
-        checkpointer.save(state.step, engine, converted.to_dict(), config.to_dict())
+        checkpointer.save(state.step, engine, state.to_dict(), config.to_dict())
     finally:
         checkpointer.close()
     if info.is_main:
@@ -141,9 +140,6 @@ def _cmd_convert(args) -> int:
         raise ValueError("--world-size: a DCP checkpoint resumes on any world size; leave it out")
     if not 1 <= args.world_size <= 4096:
         raise ValueError("--world-size: give 1 to 4096 ranks")
-    saved = open_checkpoint(args.source).json("config.json")
-    config = build_section(JobConfig, saved, "")
-    target = Target(args.to, args.world_size, args.zero_stage or config.parallel.zero_stage,
-                    args.dtype or config.train.dtype)  # fmt: skip
-    print(f"converted: {convert(args.source, args.out, target)}")
+    url = convert(args.source, args.out, args.to, args.world_size, args.zero_stage, args.dtype)
+    print(f"converted: {url}")
     return 0

@@ -29,6 +29,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group on this machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def init_distributed(backend: str) -> DistInfo:
     """Join (or skip, for one process) the process group; pick this rank's device."""
     fill_from_slurm()
@@ -52,11 +59,8 @@ def init_distributed(backend: str) -> DistInfo:
     # for MPI. The group of one gets the variables a launcher would have set.
     if (world_size > 1 or backend != "single") and not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
         # On GPUs, tensors on the GPU go through NCCL and the loop's small host-side flags and
         # counts (stop requests, masked-token counts) through gloo, with no device copies.
         comm = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
